@@ -1,0 +1,297 @@
+"""AutoSKDBERT ("Learn to Stochastically Distill BERT"): the training loop.
+
+    python distill.py --task RTE --strategy none --student <name or folder> --out_dir teachers/RTE/<name>
+                                            # plain fine-tuning: makes one teacher of the team
+    python distill.py --task RTE            # phase-1, teacher selection, phase-2, final student
+
+Paper -> code (strategy auto):
+  phase-1 optimization       phase1(): a student trains with teacher k ~ Categorical(p) at every step;
+                             p is learned from the reward of each step (sampler.py)
+  teacher selection          sampler.select_teachers(keep): discard the lightest teachers
+  phase-2 optimization       phase2(): the same student and sampler go on over the kept teachers
+  stochastic single-weight   sampler.update(k, reward): only the sampled teacher's weight moves
+  final distillation         final(): a FRESH student distilled with the learned, frozen p; reported
+The reward of a step is how much it lowered the student's loss on a held-out slice of the TRAINING
+data (the `--heldout` fraction, never trained on in phases 1-2); the dev set is only for reporting.
+
+Comparison strategies on the same loop: uniform (SKD: p uniform and frozen), single (one teacher),
+ensemble (the mean of all teachers' soft targets at every step), none (plain fine-tuning).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+import glue_data
+import model as kd
+import teachers as team_lib
+from sampler import TeacherSampler
+
+STRATEGIES = ("auto", "uniform", "single", "ensemble", "none")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
+    p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
+    p.add_argument("--teachers", nargs="+", help="teacher checkpoints (default: every folder in teachers/<TASK>/)")
+    p.add_argument("--student", help="pretrained checkpoint (default: the base model the teachers record)")
+    p.add_argument("--student_layers", type=int, help="keep this many bottom layers (default: all)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    p.add_argument("--keep", type=int, help="teachers kept by selection (default: half the team, rounded up)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the final (reported) training")
+    p.add_argument("--phase1_epochs", type=int, default=1)
+    p.add_argument("--phase2_epochs", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (AdamW, linear decay)")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
+    p.add_argument("--sampler_lr", type=float, default=0.1, help="learning rate of the teacher weights")
+    p.add_argument("--heldout", type=float, default=0.1, help="fraction of train held out for the reward")
+    p.add_argument("--probe_every", type=int, default=4, help="steps sharing one held-out reward batch")
+    p.add_argument("--max_seq_len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", help="where results and the student go (default: runs/<TASK>-<strategy>-seed<N>)")
+    p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or f"runs/{args.task}-{args.strategy}-seed{args.seed}"
+    for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
+                     ("temperature", args.temperature > 0), ("alpha", 0 <= args.alpha <= 1),
+                     ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1)]:
+        if not ok:
+            p.error(f"--{name} {getattr(args, name)} is out of range")
+    return args
+
+
+# ------------------------------------------------------------------------------- the training loop
+class Loop:
+    """What every phase shares: the task's data, encoded once for the student, and the device."""
+
+    def __init__(self, args, data, tokenizer):
+        self.args, self.data, self.tokenizer = args, data, tokenizer
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
+        regression = glue_data.get_task(args.task).labels is None
+        self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long)
+        self.order = torch.Generator().manual_seed(args.seed)  # batch order
+        self.history = []
+
+    def batch(self, idx):
+        pad = self.tokenizer.pad_token_id or 0
+        return {k: v.to(self.device) for k, v in glue_data.collate(self.enc, idx, pad).items()}
+
+    def new_student(self, base):
+        torch.manual_seed(self.args.seed)  # the new head and dropout repeat with the seed
+        labels = glue_data.get_task(self.args.task).labels
+        student, _ = kd.build_student(base, labels, self.args.student_layers, self.args.task)
+        return student.to(self.device)
+
+    def optimizer(self, student, epochs, n_train):
+        steps = epochs * math.ceil(n_train / self.args.batch_size)
+        opt = torch.optim.AdamW(student.parameters(), lr=self.args.lr, weight_decay=0.01)
+        warmup = max(1, steps // 10)  # 10% linear warm-up, then linear decay to 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        return opt, sched
+
+    def loss(self, student, idx, targets):
+        """KD loss of the examples idx; targets [B, C] soft targets or None."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = student(**self.batch(idx)).logits.float()
+        return kd.kd_loss(logits, self.labels[idx].to(self.device), targets, self.args.temperature,
+                          self.args.alpha)
+
+    @torch.no_grad()
+    def probe(self, student, idx):
+        """The reward's measurement: the student's hard-label loss on held-out examples, no dropout."""
+        student.eval()
+        loss = float(self.loss(student, idx, None))
+        student.train()
+        return loss
+
+    def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, heldout=None):
+        """Train student for epochs over train_idx; soft [K, N, C] team soft targets (None: no KD).
+
+        Each step uses teacher k ~ sampler (k = 0 without one). With heldout, the sampler LEARNS:
+        the reward of a step is probe loss before it minus probe loss after it, on a held-out batch
+        kept for probe_every steps, so the loss after one step is the loss before the next.
+        """
+        student.train()
+        probes = glue_data.batches(len(heldout), self.args.batch_size) if heldout is not None else []
+        status, step = {"loss": float("nan")}, 0
+        for epoch in range(1, epochs + 1):
+            order = glue_data.batches(len(train_idx), self.args.batch_size, self.order)
+            for b in glue_data.progress(order, f"{phase} epoch {epoch}/{epochs}", status):
+                idx = train_idx[b].tolist()
+                if probes and step % self.args.probe_every == 0:
+                    probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
+                    before = self.probe(student, probe_idx)
+                k = sampler.sample() if sampler else 0
+                targets = soft[k, idx].to(self.device) if soft is not None else None
+                loss = self.loss(student, idx, targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+                if probes:
+                    after = self.probe(student, probe_idx)
+                    sampler.update(k, before - after)
+                    before = after
+                step += 1
+                value = loss.item()
+                status["loss"] = value if step == 1 else 0.98 * status["loss"] + 0.02 * value
+            self.evaluate(phase, epoch, student)
+
+    def evaluate(self, phase, epoch, student):
+        """Dev metrics, for reporting only: {split: {metric: value}}."""
+        student.eval()
+        dev = {s: glue_data.compute_metrics(self.args.task, team_lib.predict(
+            student, self.tokenizer, ex, self.args.max_seq_len, self.device), ex.labels)
+            for s, ex in self.data.items() if s != "train"}
+        student.train()
+        self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
+        print(f"{phase} epoch {epoch}: dev " + ", ".join(
+            f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()))
+        return dev
+
+
+# ------------------------------------------------------------------------------- AutoSKD's phases
+def phase1(loop, base, soft, sampler, train_idx, heldout):
+    """Phase-1 optimization: learn p over the whole team while a student trains with it."""
+    a = loop.args
+    student = loop.new_student(base)
+    opt, sched = loop.optimizer(student, a.phase1_epochs + a.phase2_epochs, len(train_idx))
+    loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, heldout)
+    return student, opt, sched
+
+
+def phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout):
+    """Phase-2 optimization: the same student and schedule go on; p is refined over the kept teachers."""
+    loop.train("phase2", student, opt, sched, loop.args.phase2_epochs, train_idx, soft, sampler, heldout)
+
+
+def final(loop, base, soft, sampler):
+    """The reported student: fresh, trained on all of train with p frozen (sampler=None: no teacher draw)."""
+    student = loop.new_student(base)
+    all_idx = torch.arange(len(loop.labels))
+    opt, sched = loop.optimizer(student, loop.args.epochs, len(all_idx))
+    loop.train("final", student, opt, sched, loop.args.epochs, all_idx, soft, sampler)
+    return student
+
+
+# ------------------------------------------------------------------------------- the command
+def resolve_team(args):
+    """Teacher checkpoints to use (empty for --strategy none) and the student checkpoint."""
+    if args.strategy == "none":
+        if not args.student:
+            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
+                             "(hub name or folder)")
+        return [], args.student
+    default_dir = os.path.join("teachers", args.task)
+    names = args.teachers or team_lib.find_teachers(default_dir)
+    if not names:
+        raise ValueError(f"no teachers in {default_dir}/: make each with `python distill.py --task "
+                         f"{args.task} --strategy none --student <name or folder> --out_dir "
+                         f"{default_dir}/<name>`, or pass --teachers DIR [DIR ...]")
+    if args.strategy == "single" and len(names) != 1:
+        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
+                         f"name one with --teachers DIR")
+    student = args.student
+    if not student:
+        bases = [getattr(AutoConfig.from_pretrained(team_lib.local_folder(n)), "base_model", None)
+                 for n in names]
+        student = next((b for b in bases if b), None)
+        if not student:
+            raise ValueError("the teachers do not record the checkpoint they were fine-tuned from: "
+                             "pass --student <name or folder>")
+        print(f"student: {student} (the base model the teachers were fine-tuned from)")
+    return names, student
+
+
+def save_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def save_student(student, tokenizer, out_dir):
+    """save_pretrained into a temporary folder, then move each file into out_dir."""
+    tmp = os.path.join(out_dir, ".student.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    os.rmdir(tmp)
+
+
+def main(args):
+    t0 = time.time()
+    data = glue_data.load_task(args.data_dir, args.task)
+    names, base = resolve_team(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not os.access(args.out_dir, os.W_OK):
+        raise PermissionError(f"--out_dir {args.out_dir} is not writable")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    loop = Loop(args, data, tokenizer)
+    team = team_lib.load_team(names, args.task, args.data_dir, data, args.max_seq_len, args.cache_dir,
+                              loop.device) if names else []
+    timings, dist = {"teachers_s": time.time() - t0}, {"teachers": names}
+    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]) if team else None  # [K, N, C]
+
+    sampler = None
+    if args.strategy == "ensemble":
+        soft, dist["final"] = soft.mean(0, keepdim=True), [1 / len(team)] * len(team)
+    elif args.strategy in ("auto", "uniform"):
+        sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed)
+    if args.strategy == "auto":
+        keep = args.keep if args.keep is not None else math.ceil(len(team) / 2)
+        if not 1 <= keep <= len(team):
+            raise ValueError(f"--keep {keep}: the team has {len(team)} teachers (choose 1 to {len(team)})")
+        split = torch.randperm(len(loop.labels), generator=torch.Generator().manual_seed(args.seed))
+        n_held = max(1, int(args.heldout * len(split)))
+        heldout, train_idx = split[:n_held], split[n_held:]
+        t = time.time()
+        student, opt, sched = phase1(loop, base, soft, sampler, train_idx, heldout)
+        dist["phase1"], timings["phase1_s"] = list(sampler.trace), time.time() - t
+        dist["discarded"] = sampler.select_teachers(keep)
+        print(f"teacher selection: kept {[n for n, a in zip(names, sampler.active) if a]}, "
+              f"discarded {dist['discarded']}")
+        t = time.time()
+        phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
+        dist["phase2"], timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
+        del student, opt, sched
+    if sampler:
+        dist["final"] = sampler.probs().tolist()
+        print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, dist["final"])))
+    elif args.strategy == "single":
+        dist["final"] = [1.0]
+
+    t = time.time()
+    student = final(loop, base, soft, sampler)
+    timings["final_s"] = time.time() - t
+    dev = loop.history[-1]["dev"]
+    save_student(student, tokenizer, args.out_dir)
+    timings["total_s"] = time.time() - t0
+    save_json({"task": args.task, "strategy": args.strategy, "seed": args.seed, "dev": dev,
+               "score": glue_data.score(dev), "history": loop.history, "timings": timings,
+               "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(args)},
+              os.path.join(args.out_dir, "metrics.json"))
+    if names:
+        save_json(dist, os.path.join(args.out_dir, "distribution.json"))
+    print(f"done in {timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {args.out_dir}")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, OSError) as e:  # bad input: one sentence, no traceback
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -1,0 +1,243 @@
+"""GLUE data: the nine tasks read from their published TSV files, tokenized, batched and scored.
+
+The paper evaluates on the GLUE benchmark (Wang et al., 2019); this module is everything the method
+needs to know about it. It expects the standard layout written by the usual download script:
+
+    <data_dir>/<TASK>/train.tsv, dev.tsv            (MNLI: dev_matched.tsv and dev_mismatched.tsv)
+
+Try it:  python glue_data.py glue_data RTE     (prints sizes, label balance and a sample row)
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Task:
+    a: object             # column of the first sentence: header name, or position when header=False
+    b: object             # column of the second sentence, or None for single-sentence tasks
+    label: object         # column of the label
+    labels: list          # label strings in model output order; None for regression (STS-B)
+    metrics: tuple        # official GLUE metrics
+    header: bool = True
+    dev: tuple = ("dev",)
+    skip_short_rows: bool = False  # documented tolerance, see QQP below
+
+
+# Columns and labels as the public GLUE files have them.
+TASKS = {
+    "CoLA": Task(3, None, 1, ["0", "1"], ("mcc",), header=False),  # source, label, mark, sentence
+    "SST-2": Task("sentence", None, "label", ["0", "1"], ("accuracy",)),
+    "MRPC": Task("#1 String", "#2 String", "Quality", ["0", "1"], ("accuracy", "f1")),
+    "STS-B": Task("sentence1", "sentence2", "score", None, ("pearson", "spearman")),
+    # A handful of rows in the public QQP train file miss a question; they are skipped and counted.
+    "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"),
+                skip_short_rows=True),
+    "MNLI": Task("sentence1", "sentence2", "gold_label", ["contradiction", "entailment", "neutral"],
+                 ("accuracy",), dev=("dev_matched", "dev_mismatched")),
+    "QNLI": Task("question", "sentence", "label", ["entailment", "not_entailment"], ("accuracy",)),
+    "RTE": Task("sentence1", "sentence2", "label", ["entailment", "not_entailment"], ("accuracy",)),
+    "WNLI": Task("sentence1", "sentence2", "label", ["0", "1"], ("accuracy",)),
+}
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the file (and line) and what to do."""
+
+
+@dataclass
+class Examples:
+    text_a: list   # [N] str
+    text_b: list   # [N] str, or None for single-sentence tasks
+    labels: list   # [N] int class index, or float score for STS-B
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; GLUE tasks are: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_split(path, task_name):
+    """Read one labelled TSV file into Examples; a malformed row raises DataError naming file:line."""
+    task = get_task(task_name)
+    if not os.path.isfile(path):
+        raise DataError(f"missing data file {path}")
+    # utf-8-sig drops the byte-order mark that some MRPC files start with; rows are split on tabs
+    # only, with no quote handling, since GLUE sentences contain unpaired quote characters.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = [line.rstrip("\r\n") for line in f]
+    if not any(lines):
+        raise DataError(f"{path} is empty")
+    header = lines[0].split("\t") if task.header else None
+    rows = [(i + 1, line.split("\t")) for i, line in enumerate(lines) if line][1 if task.header else 0:]
+    width = len(header) if task.header else 4
+
+    def column(name):
+        if not task.header:
+            return name
+        if name not in header:
+            raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
+        return header.index(name)
+
+    ia, ib, il = column(task.a), (column(task.b) if task.b else None), column(task.label)
+    out, skipped = Examples([], [] if task.b else None, []), 0
+    for lineno, row in rows:
+        if len(row) != width:
+            if task.skip_short_rows and len(row) < width:
+                skipped += 1
+                continue
+            raise DataError(f"{path}:{lineno}: expected {width} tab-separated fields, found {len(row)}")
+        out.text_a.append(row[ia])
+        if ib is not None:
+            out.text_b.append(row[ib])
+        out.labels.append(parse_label(row[il], task, f"{path}:{lineno}"))
+    if skipped:
+        print(f"note: skipped {skipped} incomplete rows of {path} (known defect of the public file)")
+    if not len(out):
+        raise DataError(f"{path} holds no examples")
+    return out
+
+
+def parse_label(text, task, where):
+    if task.labels is None:
+        try:
+            return float(text)
+        except ValueError:
+            raise DataError(f"{where}: score {text!r} is not a number") from None
+    if text not in task.labels:
+        raise DataError(f"{where}: unknown label {text!r}; expected one of {task.labels}")
+    return task.labels.index(text)
+
+
+def load_task(data_dir, task_name):
+    """{"train": Examples, "<dev split>": Examples, ...} for one task."""
+    task = get_task(task_name)
+    folder = os.path.join(data_dir, task_name)
+    if not os.path.isdir(folder):
+        raise DataError(f"no {task_name} data in {folder}: put GLUE there in the standard layout "
+                        f"(<data_dir>/{task_name}/train.tsv, dev.tsv) or pass --data_dir")
+    return {split: read_split(os.path.join(folder, split + ".tsv"), task_name)
+            for split in ("train",) + task.dev}
+
+
+# ---------------------------------------------------------------------------------- tokenization
+def encode(tokenizer, examples, max_len):
+    """Token ids per example, unpadded: {"input_ids": [N][len], "attention_mask": ..., ...}."""
+    enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_len)
+    return {k: list(enc[k]) for k in tokenizer.model_input_names if k in enc}
+
+
+def collate(enc, idx, pad_id):
+    """Pad the examples idx to the longest among them: {name: LongTensor [B, L]}."""
+    length = max(len(enc["input_ids"][i]) for i in idx)
+    batch = {}
+    for name, rows in enc.items():
+        pad = pad_id if name == "input_ids" else 0
+        batch[name] = torch.tensor([rows[i] + [pad] * (length - len(rows[i])) for i in idx])
+    return batch
+
+
+def batches(n, batch_size, generator=None):
+    """Index batches over n examples, shuffled with the generator when one is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+
+
+def length_batches(enc, batch_size):
+    """Index batches of examples sorted by length, so that inference pads little."""
+    order = sorted(range(len(enc["input_ids"])), key=lambda i: len(enc["input_ids"][i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def progress(items, desc, status=None):
+    """Yield items, showing `desc i/n, rate, time left` (and the caller's status dict) on stderr."""
+    n, start, shown = len(items), time.time(), 0.0
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.time()
+        if now - shown > 1 or i == n:
+            shown, rate = now, i / max(now - start, 1e-9)
+            extra = " ".join(f"{k} {v:.4g}" for k, v in (status or {}).items())
+            print(f"\r{desc} {i}/{n} [{now - start:.0f}s<{(n - i) / rate:.0f}s] {extra}   ",
+                  end="\n" if i == n else "", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def accuracy(pred, gold):
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+
+def f1(pred, gold):
+    """F1 of the positive class 1, as GLUE reports it for MRPC and QQP."""
+    tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
+    fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold))
+    fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold))
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def mcc(pred, gold):
+    """Matthews correlation of two binary labelings (0 when a row or column of the table is empty)."""
+    tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
+    tn = sum(p == 0 and g == 0 for p, g in zip(pred, gold))
+    fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold))
+    fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold))
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else 0.0
+
+
+def ranks(x):
+    """1-based ranks, ties sharing the mean of their positions."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r, i = [0.0] * len(x), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x, y):
+    return pearson(ranks(x), ranks(y))
+
+
+METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spearman": spearman}
+
+
+def compute_metrics(task_name, logits, gold):
+    """The task's official metrics from model outputs [N, C] (STS-B: [N, 1]) and gold labels [N]."""
+    task = get_task(task_name)
+    pred = logits[:, 0].tolist() if task.labels is None else logits.argmax(-1).tolist()
+    return {m: METRICS[m](pred, list(gold)) for m in task.metrics}
+
+
+def score(dev_metrics):
+    """One number for a {split: {metric: value}} result: the mean of all (GLUE's own convention)."""
+    values = [v for split in dev_metrics.values() for v in split.values()]
+    return sum(values) / len(values)
+
+
+if __name__ == "__main__":
+    data_dir, name = sys.argv[1], sys.argv[2]
+    for split, ex in load_task(data_dir, name).items():
+        names = get_task(name).labels
+        counts = {l: ex.labels.count(i) for i, l in enumerate(names)} if names else "regression"
+        print(f"{split}: {len(ex)} examples, labels {counts}")
+        print("  ", ex.text_a[0], "|", ex.text_b[0] if ex.text_b else "", "->", ex.labels[0])

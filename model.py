@@ -1,0 +1,79 @@
+"""The student and the knowledge-distillation loss.
+
+Paper: the student is a small BERT that learns, at every step, from ONE teacher's soft targets mixed
+with the hard labels (Hinton et al.'s KD loss). Here:
+
+    student   any checkpoint AutoModelForSequenceClassification loads (a hub name or a local folder),
+              cut to its BOTTOM `num_layers` transformer layers. Bottom, because dropping the top
+              layers was the best of the simple strategies compared by Sajjad et al. ("On the effect of
+              dropping layers of pre-trained transformer models"): the lower layers hold the general
+              features and the top ones are the most task-specific, so fine-tuning re-learns them best.
+    loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)
+              where x_T = softmax(logits / T); the T^2 keeps the soft gradients' scale independent of T.
+              STS-B (regression, one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
+
+Try it:  python model.py bert-base-uncased 2    (builds a 2-layer student, prints its size)
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+transformers.logging.set_verbosity_error()  # the dropped layers and the new head are expected
+
+
+def build_student(name_or_dir, labels, num_layers=None, task=None):
+    """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) + a new head.
+
+    labels: the task's label names in output order, or None for a regression task (one output).
+    The config records the task and the checkpoint it came from, so a fine-tuned student can later
+    serve as a teacher and name its base model.
+    """
+    config = AutoConfig.from_pretrained(name_or_dir)
+    have = config.num_hidden_layers
+    num_layers = num_layers or have
+    if not 1 <= num_layers <= have:
+        raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers "
+                         f"(choose 1 to {have})")
+    names = labels or ["score"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_dir, num_hidden_layers=num_layers,  # weights of the layers above are not loaded
+        num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={l: i for i, l in enumerate(names)}, ignore_mismatched_sizes=True)
+    model.config.glue_task = task
+    model.config.base_model = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
+    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    return model, tokenizer
+
+
+def soft_targets(teacher_logits, T):
+    """Teacher outputs [..., C] -> the distribution softmax(logits / T); regression [..., 1] unchanged."""
+    return teacher_logits if teacher_logits.shape[-1] == 1 else torch.softmax(teacher_logits / T, -1)
+
+
+def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
+    """Distillation loss for a batch.
+
+    student_logits [B, C] (regression: [B, 1]); labels [B]; targets: soft_targets() of the teacher
+    [B, C] (regression: the teacher's prediction [B, 1]), or None for plain fine-tuning.
+    """
+    if student_logits.shape[-1] == 1:
+        hard = F.mse_loss(student_logits[:, 0], labels.float())
+    else:
+        hard = F.cross_entropy(student_logits, labels)
+    if targets is None or alpha == 0:
+        return hard
+    if student_logits.shape[-1] == 1:
+        soft = F.mse_loss(student_logits, targets)
+    else:  # KL(p_teacher || p_student), mean over the batch, times T^2
+        soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
+    return (1 - alpha) * hard + alpha * soft
+
+
+if __name__ == "__main__":
+    model, _ = build_student(sys.argv[1], ["0", "1"], int(sys.argv[2]))
+    print(model.config.model_type, model.config.num_hidden_layers, "layers,",
+          sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")

@@ -1,0 +1,121 @@
+"""The learnable categorical distribution over the teacher team (depends on torch only).
+
+Paper: at every step AutoSKDBERT samples ONE teacher k ~ Categorical(p) with p = softmax(theta),
+and learns theta in two phases:
+  phase-1   learn the weights of the whole team, separating effective from ineffective teachers;
+  select    teacher selection: keep the effective teachers, discard the others and hand their
+            weight to the kept ones;
+  phase-2   refine the weights of the kept teachers.
+"Stochastic single-weight optimization": only the weight of the sampled teacher moves. We drive it
+with REINFORCE: for reward r of a step taken with teacher k, d log p_k / d theta_k = 1 - p_k, so
+
+    theta_k <- theta_k + lr * A * (1 - p_k),       A = (r - b) / s
+
+where b is a moving average of past rewards (the baseline) and s a moving root-mean-square of
+(r - b). The full REINFORCE gradient would also push every other theta_j by -lr * A * p_j; the
+single-weight strategy drops those terms. Dividing by s (our variant, switch it off with
+normalize=False) makes lr independent of the reward's units, which shrink as the student learns;
+with momentum m, |A| <= 1 / sqrt(1 - m).
+
+Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
+theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in
+proportion to the kept teachers' own weights: p'_k = p_k / sum_{kept} p_j.
+
+Try it:  python sampler.py        (a synthetic team where teacher 2 gives the best reward)
+"""
+import json
+import math
+import os
+
+import torch
+
+
+class TeacherSampler:
+    def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0):
+        self.names = list(names)
+        self.theta = torch.zeros(len(names), dtype=torch.float64)  # [K] logits of p
+        self.active = [True] * len(names)                           # False once discarded
+        self.lr, self.momentum, self.normalize = lr, momentum, normalize
+        self.baseline, self.var, self.steps = 0.0, 0.0, 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.trace = []  # p after every update: [steps][K]
+
+    def probs(self):
+        """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
+        mask = torch.tensor(self.active)
+        return torch.softmax(self.theta.masked_fill(~mask, -math.inf), 0)
+
+    def sample(self):
+        """Index of the teacher for this step, drawn from p with the sampler's own generator."""
+        return int(torch.multinomial(self.probs(), 1, generator=self.generator))
+
+    def update(self, k, reward):
+        """Stochastic single-weight REINFORCE step for the sampled teacher k; returns the advantage."""
+        if self.steps == 0:
+            self.baseline = reward  # no history yet: the first reward only sets the baseline
+        adv = reward - self.baseline
+        self.var = self.momentum * self.var + (1 - self.momentum) * adv * adv
+        if self.normalize and self.var > 0:
+            adv = adv / math.sqrt(self.var)
+        p_k = float(self.probs()[k])
+        self.theta[k] += self.lr * adv * (1 - p_k)
+        self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
+        self.steps += 1
+        self.trace.append(self.probs().tolist())
+        return adv
+
+    def select_teachers(self, keep):
+        """Teacher selection after phase-1: keep the `keep` heaviest active teachers.
+
+        Returns the names discarded. Their weight goes to the kept ones, pro rata (see the docstring).
+        """
+        n = sum(self.active)
+        if not 1 <= keep <= n:
+            raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
+        p = self.probs()
+        kept = set(torch.argsort(p, descending=True)[:keep].tolist())
+        discarded = [self.names[i] for i in range(len(self.names)) if self.active[i] and i not in kept]
+        self.active = [i in kept for i in range(len(self.names))]
+        return discarded
+
+    # ------------------------------------------------------------------ plain-data state, as JSON
+    def state_dict(self):
+        return {"names": self.names, "theta": self.theta.tolist(), "active": self.active,
+                "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize,
+                "baseline": self.baseline, "var": self.var, "steps": self.steps,
+                "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state):
+        self.names, self.active = list(state["names"]), list(state["active"])
+        self.theta = torch.tensor(state["theta"], dtype=torch.float64)
+        self.lr, self.momentum, self.normalize = state["lr"], state["momentum"], state["normalize"]
+        self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
+        if "generator" in state:
+            self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def save(self, path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state_dict(), f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            state = json.load(f)
+        sampler = cls(state["names"])
+        sampler.load_state_dict(state)
+        return sampler
+
+
+if __name__ == "__main__":
+    # Five teachers; a step with teacher k earns a noisy reward whose mean grows with k == 2.
+    sampler, noise = TeacherSampler([f"t{i}" for i in range(5)], lr=0.2), torch.Generator().manual_seed(1)
+    quality = torch.tensor([0.0, 0.2, 1.0, 0.1, -0.5])
+    for step in range(600):
+        k = sampler.sample()
+        sampler.update(k, float(quality[k] + torch.randn(1, generator=noise)))
+        if step == 299:
+            print("phase-1:", [round(x, 3) for x in sampler.probs().tolist()])
+            print("discarded:", sampler.select_teachers(keep=2))
+    print("phase-2:", [round(x, 3) for x in sampler.probs().tolist()])

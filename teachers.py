@@ -1,0 +1,161 @@
+"""The teacher team: fine-tuned checkpoints checked against the task, their outputs computed once.
+
+Paper: AutoSKDBERT distils from a predefined team of fine-tuned teachers of different capacities.
+Teachers are frozen during distillation, so every teacher's logits on the training data are
+computed ONCE, one teacher in memory at a time, batched and sorted by length, and cached on disk.
+A training step then reads its teacher's soft targets from a tensor instead of running the teacher.
+Each teacher may have its own architecture and tokenizer (anything AutoModelForSequenceClassification
+loads), so it reads the raw text through its own tokenizer.
+
+The cache key hashes the checkpoint's files, the task's data files, the max length and the task, so
+a changed checkpoint, data file or length never reuses a stale cache.
+
+Try it:  python teachers.py RTE glue_data teachers/RTE/*     (prints each teacher's dev score)
+"""
+import gc
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+import glue_data
+
+CACHE_VERSION = 1  # bump when what is cached changes
+
+
+class TeamError(ValueError):
+    """A teacher that cannot serve this task, or no team at all."""
+
+
+@dataclass
+class Teacher:
+    name: str
+    train: torch.Tensor  # [N, C] logits on the training set (regression: [N, 1])
+    dev: dict            # {dev split: [M, C] logits}
+    dev_metrics: dict    # {dev split: {metric: value}}
+
+
+def find_teachers(root):
+    """Every checkpoint folder (one holding config.json) directly under root, sorted by name."""
+    if not os.path.isdir(root):
+        return []
+    subs = sorted(os.path.join(root, d) for d in os.listdir(root))
+    return [d for d in subs if os.path.isfile(os.path.join(d, "config.json"))]
+
+
+def local_folder(name):
+    """The folder holding a checkpoint: a local folder as is, a hub name downloaded (or cached)."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise TeamError(f"teacher {name} is not a checkpoint folder (no config.json)")
+        return name
+    from huggingface_hub import snapshot_download  # comes with transformers; only for hub names
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
+    except Exception as e:
+        raise TeamError(f"teacher {name} is neither a local folder nor a model on the hub ({e})") from None
+
+
+def check_teacher(name, folder, task_name):
+    """Refuse a teacher fine-tuned for another task, or with other labels or another label order."""
+    config, labels = AutoConfig.from_pretrained(folder), glue_data.get_task(task_name).labels
+    trained_on = getattr(config, "glue_task", None)
+    if trained_on and trained_on != task_name:
+        raise TeamError(f"teacher {name} was fine-tuned on {trained_on}, not {task_name}")
+    want = len(labels) if labels else 1
+    if config.num_labels != want:
+        raise TeamError(f"teacher {name} has {config.num_labels} outputs; {task_name} needs {want}")
+    theirs = [str(config.id2label[i]).lower() for i in range(want)]
+    ours = [l.lower() for l in labels or ["score"]]
+    # Names like LABEL_0 or NEGATIVE say nothing about our order; the same names in another order do.
+    if sorted(theirs) == sorted(ours) and theirs != ours:
+        raise TeamError(f"teacher {name} orders its labels {theirs}; {task_name} needs {ours}")
+
+
+def fingerprint(folder, task_name, data_dir, splits, max_len):
+    """sha256 of everything the cached logits depend on."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} {task_name} {max_len}".encode())
+    files = [os.path.join(data_dir, task_name, s + ".tsv") for s in splits]
+    files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+              if f.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))]
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=None):
+    """Model outputs for examples in their original order: [N, C] float32."""
+    enc = glue_data.encode(tokenizer, examples, max_len)
+    out = torch.empty(len(examples), model.config.num_labels)
+    todo = glue_data.length_batches(enc, batch_size)  # sorted by length: little padding
+    for idx in glue_data.progress(todo, desc) if desc else todo:
+        batch = {k: v.to(device) for k, v in glue_data.collate(enc, idx, tokenizer.pad_token_id or 0).items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out[idx] = model(**batch).logits.float().cpu()
+    return out
+
+
+def teacher_outputs(folder, name, data, max_len, device):
+    """{split: logits} for every split of data, running the teacher once."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    outputs = {s: predict(model, tokenizer, ex, max_len, device, desc=f"teacher {name} {s}")
+               for s, ex in data.items()}
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return outputs
+
+
+def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
+    """Check, run (or read from the cache) and score every teacher: a list of Teacher."""
+    if not names:
+        raise TeamError("no teachers given")
+    team = []
+    for name in names:
+        folder = local_folder(name)
+        check_teacher(name, folder, task_name)
+        key = fingerprint(folder, task_name, data_dir, list(data), max_len)
+        short = os.path.basename(os.path.normpath(name)).replace("/", "_")
+        path = os.path.join(cache_dir, task_name, f"{short}-{key[:16]}.pt")
+        outputs = read_cache(path, key, data)
+        if outputs is None:
+            outputs = teacher_outputs(folder, name, data, max_len, device)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"key": key, "outputs": outputs}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # a kill leaves the old file or the new one, never half
+        dev = {s: logits for s, logits in outputs.items() if s != "train"}
+        metrics = {s: glue_data.compute_metrics(task_name, dev[s], data[s].labels) for s in dev}
+        team.append(Teacher(name, outputs["train"], dev, metrics))
+        shown = ", ".join(f"{s} {m} {v:.4f}" for s, ms in metrics.items() for m, v in ms.items())
+        print(f"teacher {name}: {shown}")
+    return team
+
+
+def read_cache(path, key, data):
+    """The cached outputs if the file is whole and matches key and data sizes, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        ok = saved["key"] == key and all(len(saved["outputs"][s]) == len(ex) for s, ex in data.items())
+    except Exception:  # truncated or corrupt: recompute rather than trust it
+        ok = False
+    if not ok:
+        print(f"note: cache {path} is stale or damaged; recomputing")
+        return None
+    return saved["outputs"]
+
+
+if __name__ == "__main__":
+    task, data_dir = sys.argv[1], sys.argv[2]
+    load_team(sys.argv[3:], task, data_dir, glue_data.load_task(data_dir, task), 128, "cache",
+              torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,442 @@
+"""Tests for the whole reference, on CPU, offline, in a few minutes.
+
+    python -m pytest -q test_all.py
+
+Everything is made here: a tiny vocabulary, tiny random BERT checkpoints built from a config, and
+tiny TSV files in each GLUE task's published format. Pieces are pinned to independent references:
+metrics to hand-worked values (and numpy), the sampler to the analytic REINFORCE term, the student's
+kept layers and the cached teacher outputs to transformers' own models.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+
+import distill
+import glue_data
+import model as kd
+import teachers
+from sampler import TeacherSampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORDS = "the a cat dog man woman car house is was good bad big small red blue runs sits sees".split()
+
+# Header lines and row writers in each task's published format; `l` is the label text.
+FORMATS = {
+    "CoLA": (None, lambda i, a, b, l: f"gj04\t{l}\t{'' if l == '1' else '*'}\t{a}"),
+    "SST-2": ("sentence\tlabel", lambda i, a, b, l: f"{a} \t{l}"),
+    "MRPC": ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+             lambda i, a, b, l: f"{l}\t{1000 + i}\t{2000 + i}\t{a}\t{b}"),
+    "STS-B": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+              lambda i, a, b, l: f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a}\t{b}\t{l}"),
+    "QQP": ("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+            lambda i, a, b, l: f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{l}"),
+    "MNLI": ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+             "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label",
+             lambda i, a, b, l: f"{i}\t{i}\t{i}e\tfiction\t( {a} )\t( {b} )\t(ROOT {a})\t(ROOT {b})\t{a}\t{b}\t{l}\t{l}"),
+    "QNLI": ("index\tquestion\tsentence\tlabel", lambda i, a, b, l: f"{i}\t{a}\t{b}\t{l}"),
+    "RTE": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, l: f"{i}\t{a}\t{b}\t{l}"),
+    "WNLI": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, l: f"{i}\t{a}\t{b}\t{l}"),
+}
+MNLI_DEV_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                   "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\t"
+                   "label4\tlabel5\tgold_label")
+
+
+def make_rows(task, n, seed):
+    """n rows whose label is learnable: it follows whether 'good' is in the first sentence."""
+    rng, labels, out = random.Random(seed), glue_data.TASKS[task].labels, []
+    for i in range(n):
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+        b = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+        y = int("good" in a.split()) if labels is None or len(labels) == 2 else rng.randrange(len(labels))
+        out.append((a, b, f"{y * 4 + rng.random():.3f}" if labels is None else labels[y]))
+    return out
+
+
+def write_task(root, task, n_train=64, n_dev=24):
+    header, fmt = FORMATS[task]
+    folder = os.path.join(root, task)
+    os.makedirs(folder, exist_ok=True)
+    splits = {"train": n_train, **{s: n_dev for s in glue_data.TASKS[task].dev}}
+    for k, (split, n) in enumerate(splits.items()):
+        head = MNLI_DEV_HEADER if task == "MNLI" and split != "train" else header
+        extra = 4 if head == MNLI_DEV_HEADER else 0  # MNLI dev: label1 ... label5, then gold_label
+        lines = [fmt(i, *row) + ("\t" + row[2]) * extra for i, row in enumerate(make_rows(task, n, seed=k))]
+        with open(os.path.join(folder, split + ".tsv"), "w", encoding="utf-8", newline="") as f:
+            f.write("".join(line + "\n" for line in ([head] if head else []) + lines))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A tiny random BERT checkpoint folder with its own WordPiece vocabulary."""
+    folder = str(tmp_path_factory.mktemp("tiny_bert"))
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=3,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("glue"))
+    for task in glue_data.TASKS:
+        write_task(root, task)
+    return root
+
+
+def run(argv, cwd):
+    """distill.py's main() in-process, run from cwd; returns metrics.json."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        args = distill.parse_args(argv)
+        distill.main(args)
+        with open(os.path.join(args.out_dir, "metrics.json")) as f:
+            return json.load(f)
+    finally:
+        os.chdir(old)
+
+
+def cli(argv, cwd):
+    """distill.py as a user runs it: (exit code, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "distill.py")] + argv, cwd=cwd,
+                       capture_output=True, text=True)
+    return p.returncode, p.stderr
+
+
+# ------------------------------------------------------------------------------------ glue_data
+@pytest.mark.parametrize("task", list(glue_data.TASKS))
+def test_every_task_loads_its_published_format(glue_dir, task):
+    data = glue_data.load_task(glue_dir, task)
+    assert list(data) == ["train"] + list(glue_data.TASKS[task].dev)
+    expected = make_rows(task, 64, seed=0)
+    ex = data["train"]
+    assert len(ex) == 64 and ex.text_a[5].rstrip() == expected[5][0]  # SST-2 keeps its trailing space
+    assert (ex.text_b is None) == (task in ("CoLA", "SST-2"))
+    if ex.text_b is not None:
+        assert ex.text_b[5] == expected[5][1]
+    labels = glue_data.TASKS[task].labels
+    want = float(expected[5][2]) if labels is None else labels.index(expected[5][2])
+    assert ex.labels[5] == want
+
+
+def test_real_glue_files_if_present():
+    root = os.path.join(HERE, "..", "shared", "glue_data")
+    if not os.path.isdir(root):
+        pytest.skip("no ../shared/glue_data beside the repo")
+    sizes = {"RTE": (2490, 277), "MRPC": (3668, 408), "CoLA": (8551, 1043), "SST-2": (67349, 872)}
+    for task, (n_train, n_dev) in sizes.items():
+        data = glue_data.load_task(root, task)
+        assert (len(data["train"]), len(data["dev"])) == (n_train, n_dev)
+    assert glue_data.load_task(root, "MRPC")["dev"].labels.count(1) == 279  # BOM header read right
+
+
+def test_qqp_incomplete_rows_are_skipped(tmp_path):
+    folder = write_task(str(tmp_path), "QQP")
+    with open(os.path.join(folder, "train.tsv"), "a") as f:
+        f.write("99\t1\t2\twhat is a cat\n")  # a question missing, as in the public file
+    assert len(glue_data.load_task(str(tmp_path), "QQP")["train"]) == 64
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    folder = write_task(str(tmp_path), "RTE")
+    path = os.path.join(folder, "train.tsv")
+    lines = open(path).read().splitlines()
+    lines[3] = lines[3].replace("\t", " ", 1)
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(glue_data.DataError, match=r"train\.tsv:4: expected 4 tab-separated fields"):
+        glue_data.load_task(str(tmp_path), "RTE")
+
+
+def test_unknown_label_and_bad_score(tmp_path):
+    folder = write_task(str(tmp_path), "RTE")
+    path = os.path.join(folder, "dev.tsv")
+    open(path, "a").write("99\ta\tb\tmaybe\n")
+    with pytest.raises(glue_data.DataError, match=r"dev\.tsv:26: unknown label 'maybe'"):
+        glue_data.load_task(str(tmp_path), "RTE")
+    folder = write_task(str(tmp_path), "STS-B")
+    open(os.path.join(folder, "train.tsv"), "a").write("\t".join(["1"] * 9 + ["high"]) + "\n")
+    with pytest.raises(glue_data.DataError, match="score 'high' is not a number"):
+        glue_data.load_task(str(tmp_path), "STS-B")
+
+
+def test_missing_data(tmp_path):
+    with pytest.raises(glue_data.DataError, match="no RTE data in"):
+        glue_data.load_task(str(tmp_path), "RTE")
+    folder = write_task(str(tmp_path), "RTE")
+    os.remove(os.path.join(folder, "dev.tsv"))
+    with pytest.raises(glue_data.DataError, match="missing data file .*dev.tsv"):
+        glue_data.load_task(str(tmp_path), "RTE")
+    with pytest.raises(glue_data.DataError, match="unknown task 'RTF'"):
+        glue_data.load_task(str(tmp_path), "RTF")
+
+
+def test_collate_pads_to_longest_in_batch():
+    enc = {"input_ids": [[5, 6], [5, 6, 7, 8], [9]], "attention_mask": [[1, 1], [1, 1, 1, 1], [1]]}
+    batch = glue_data.collate(enc, [0, 2], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6], [9, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_metrics_against_hand_worked_values():
+    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
+    assert glue_data.accuracy(pred, gold) == pytest.approx(3 / 5)
+    assert glue_data.f1(pred, gold) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert glue_data.mcc(pred, gold) == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    assert glue_data.mcc([1, 1, 1], [1, 0, 1]) == 0.0  # an empty column: defined as 0
+    x, y = [1, 2, 3, 4], [2, 4, 6, 9]  # worked by hand: 11.5 / sqrt(5 * 26.75)
+    assert glue_data.pearson(x, y) == pytest.approx(11.5 / math.sqrt(5 * 26.75))
+    assert glue_data.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    # ties: ranks of x are [1, 2.5, 2.5, 4]; of y [1, 3, 2, 4] -> 4.5 / sqrt(4.5 * 5)
+    assert glue_data.ranks([1, 2, 2, 3]) == [1, 2.5, 2.5, 4]
+    assert glue_data.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+
+
+def test_compute_metrics_per_task():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert glue_data.compute_metrics("MRPC", logits, [1, 0, 0, 0]) == pytest.approx(
+        {"accuracy": 0.75, "f1": 2 / 3})
+    assert list(glue_data.compute_metrics("CoLA", logits, [1, 0, 0, 0])) == ["mcc"]
+    scores = glue_data.compute_metrics("STS-B", torch.tensor([[1.0], [2.0], [3.5]]), [0.5, 2.5, 3.0])
+    assert scores["spearman"] == pytest.approx(1.0) and scores["pearson"] < 1
+    assert glue_data.score({"dev_matched": {"accuracy": 0.5}, "dev_mismatched": {"accuracy": 0.7}}) == 0.6
+
+
+# ------------------------------------------------------------------------------------ sampler
+def test_single_weight_update_is_the_reinforce_term():
+    s = TeacherSampler(["a", "b", "c"], lr=0.5, momentum=0.8, normalize=False, seed=0)
+    s.theta = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)
+    s.update(0, 1.0)  # first reward: sets the baseline, advantage 0, nothing moves
+    assert s.theta.tolist() == pytest.approx([0.2, -0.1, 0.4]) and s.baseline == 1.0
+    p = torch.softmax(s.theta, 0)
+    before = s.theta.clone()
+    s.update(1, 3.0)
+    expected = 0.5 * (3.0 - 1.0) * (1 - float(p[1]))  # lr * (r - b) * d log p_k / d theta_k
+    assert (s.theta - before).tolist() == pytest.approx([0.0, expected, 0.0])
+    assert s.baseline == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
+
+
+def test_normalized_update_divides_by_running_rms():
+    s = TeacherSampler(["a", "b"], lr=1.0, momentum=0.9, seed=0)
+    s.update(0, 2.0)
+    p = torch.softmax(s.theta, 0)
+    s.update(1, 5.0)  # adv 3, var 0.1 * 9, so A = 3 / sqrt(0.9)
+    assert float(s.theta[1]) == pytest.approx(3 / math.sqrt(0.9) * (1 - float(p[1])))
+    assert float(s.theta[0]) == 0.0
+
+
+def test_sampler_learns_the_best_teacher_and_selection_keeps_it():
+    s, noise = TeacherSampler(list("abcde"), lr=0.2, seed=3), torch.Generator().manual_seed(0)
+    quality = [0.0, 0.3, 1.0, 0.2, -1.0]  # mean reward of a step with each teacher; c is best
+    for _ in range(400):
+        k = s.sample()
+        s.update(k, quality[k] + float(torch.randn(1, generator=noise)))
+    p = s.probs()
+    assert int(p.argmax()) == 2 and float(p[2]) > 0.5
+    assert int(p.argmin()) == 4  # the harmful teacher gets the lowest weight
+    discarded = s.select_teachers(2)
+    assert "c" in [n for n, a in zip(s.names, s.active) if a] and "e" in discarded
+    kept = [i for i, a in enumerate(s.active) if a]
+    assert s.probs()[kept].tolist() == pytest.approx((p[kept] / p[kept].sum()).tolist())  # pro rata
+    assert float(s.probs()[4]) == 0.0 and all(s.sample() in kept for _ in range(50))
+    with pytest.raises(ValueError, match="--keep 3: the team has 2"):
+        s.select_teachers(3)
+
+
+def test_sampler_save_load_continues_the_same_draws(tmp_path):
+    s = TeacherSampler(list("abc"), seed=7)
+    for _ in range(5):
+        s.update(s.sample(), random.random())
+    s.select_teachers(2)
+    path = str(tmp_path / "s.json")
+    s.save(path)
+    t = TeacherSampler.load(path)
+    assert t.probs().tolist() == s.probs().tolist() and t.active == s.active
+    assert [t.sample() for _ in range(20)] == [s.sample() for _ in range(20)]
+
+
+# ------------------------------------------------------------------------------------ model
+def test_kd_loss_soft_part_and_temperature():
+    torch.manual_seed(0)
+    s, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    for T in (1.0, 4.0):
+        assert float(kd.kd_loss(s, labels, kd.soft_targets(s, T), T, alpha=1.0)) == pytest.approx(0, abs=1e-6)
+    t = torch.randn(4, 3)
+    for T in (1.0, 3.0):  # alpha=1: T^2 * mean over the batch of sum p_t (log p_t - log p_s)
+        pt, ps = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+        want = T * T * float((pt * (pt.log() - ps.log())).sum(-1).mean())
+        assert float(kd.kd_loss(s, labels, kd.soft_targets(t, T), T, alpha=1.0)) == pytest.approx(want, rel=1e-5)
+    ce = float(torch.nn.functional.cross_entropy(s, labels))
+    assert float(kd.kd_loss(s, labels, None)) == pytest.approx(ce)
+    mixed = kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, alpha=0.3)
+    soft = float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, alpha=1.0))
+    assert float(mixed) == pytest.approx(0.7 * ce + 0.3 * soft, rel=1e-5)
+    r, y, tr = torch.tensor([[1.0], [2.0]]), torch.tensor([1.5, 2.5]), torch.tensor([[1.0], [3.0]])
+    assert float(kd.kd_loss(r, y, tr, 2.0, alpha=0.5)) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)
+
+
+def test_student_keeps_the_bottom_layers(tiny_bert):
+    student, tok = kd.build_student(tiny_bert, ["a", "b", "c"], num_layers=2, task="MNLI")
+    ref = BertModel.from_pretrained(tiny_bert)  # transformers' own load of the full checkpoint
+    assert len(student.bert.encoder.layer) == 2 and student.config.num_hidden_layers == 2
+    for i in range(2):
+        for (n, p), (_, q) in zip(student.bert.encoder.layer[i].named_parameters(),
+                                  ref.encoder.layer[i].named_parameters()):
+            assert torch.equal(p, q), n
+    assert student.config.id2label == {0: "a", 1: "b", 2: "c"} and student.config.glue_task == "MNLI"
+    with pytest.raises(ValueError, match="--student_layers 4: .* has 3 layers"):
+        kd.build_student(tiny_bert, ["a", "b"], num_layers=4)
+
+
+# ------------------------------------------------------------------------------------ teachers
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_bert, tmp_path_factory):
+    """A 2-layer teacher for RTE (random, not trained: its outputs are what matters here)."""
+    folder = str(tmp_path_factory.mktemp("teacher"))
+    m, tok = kd.build_student(tiny_bert, glue_data.TASKS["RTE"].labels, 2, "RTE")
+    m.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_teacher_outputs_match_unbatched_transformers(tiny_teacher, glue_dir):
+    data = glue_data.load_task(glue_dir, "RTE")
+    ref = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+    tok = BertTokenizer.from_pretrained(tiny_teacher)
+    out = teachers.predict(ref, tok, data["dev"], 32, torch.device("cpu"), batch_size=5)
+    for i in (0, 7, 23):
+        enc = tok(data["dev"].text_a[i], data["dev"].text_b[i], return_tensors="pt")
+        with torch.no_grad():
+            assert torch.allclose(out[i], ref(**enc).logits[0], atol=1e-5)
+
+
+def test_cache_is_reused_and_invalidated(tiny_teacher, tmp_path, monkeypatch):
+    import shutil
+    teacher = str(tmp_path / "t")
+    shutil.copytree(tiny_teacher, teacher)
+    write_task(str(tmp_path), "RTE")
+    calls = []
+    real = teachers.teacher_outputs
+    monkeypatch.setattr(teachers, "teacher_outputs", lambda *a: calls.append(1) or real(*a))
+
+    def load(max_len=32):
+        data = glue_data.load_task(str(tmp_path), "RTE")
+        return teachers.load_team([teacher], "RTE", str(tmp_path), data, max_len, str(tmp_path / "c"),
+                                  torch.device("cpu"))[0]
+
+    first = load()
+    assert len(calls) == 1 and first.train.shape == (64, 2) and "accuracy" in first.dev_metrics["dev"]
+    assert torch.equal(load().train, first.train) and len(calls) == 1  # cache hit
+    load(max_len=16)
+    assert len(calls) == 2  # another max length
+    with open(str(tmp_path / "RTE" / "train.tsv"), "a") as f:
+        f.write("64\tthe cat\tthe dog\tentailment\n")
+    assert load().train.shape == (65, 2) and len(calls) == 3  # data changed
+    config = json.load(open(os.path.join(teacher, "config.json")))
+    config["hidden_dropout_prob"] = 0.2
+    json.dump(config, open(os.path.join(teacher, "config.json"), "w"))
+    load()
+    assert len(calls) == 4  # checkpoint changed
+    cached = [p for p in (tmp_path / "c" / "RTE").iterdir() if p.suffix == ".pt"]
+    newest = max(cached, key=os.path.getmtime)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated by a kill
+    assert load().train.shape == (65, 2) and len(calls) == 5  # damaged file: recomputed, not trusted
+
+
+def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
+    def make(labels, task, name):
+        m, tok = kd.build_student(tiny_bert, labels, 1, task)
+        m.save_pretrained(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    write_task(str(tmp_path), "RTE")
+    data = glue_data.load_task(str(tmp_path), "RTE")
+    cases = {make(["a", "b", "c"], "RTE", "three"): "has 3 outputs; RTE needs 2",
+             make(["not_entailment", "entailment"], "RTE", "swapped"): "orders its labels",
+             make(["entailment", "not_entailment"], "QNLI", "qnli"): "fine-tuned on QNLI, not RTE"}
+    for folder, message in cases.items():
+        with pytest.raises(teachers.TeamError, match=message):
+            teachers.load_team([folder], "RTE", str(tmp_path), data, 16, str(tmp_path / "c"),
+                               torch.device("cpu"))
+    os.makedirs(str(tmp_path / "empty"))
+    with pytest.raises(teachers.TeamError, match="not a checkpoint folder"):
+        teachers.local_folder(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------ distill.py
+@pytest.fixture(scope="session")
+def workdir(tiny_bert, tmp_path_factory):
+    """A user's folder: glue_data/RTE and two fine-tuned teachers under teachers/RTE/."""
+    root = str(tmp_path_factory.mktemp("work"))
+    write_task(os.path.join(root, "glue_data"), "RTE", n_train=96, n_dev=32)
+    for name, layers, seed in [("big", "3", "1"), ("small", "1", "2")]:
+        m = run(["--task", "RTE", "--strategy", "none", "--student", tiny_bert, "--student_layers", layers,
+                 "--epochs", "2", "--lr", "1e-3", "--seed", seed, "--out_dir", f"teachers/RTE/{name}"], root)
+        assert m["strategy"] == "none" and 0 <= m["dev"]["dev"]["accuracy"] <= 1
+    return root
+
+
+FAST = ["--task", "RTE", "--student_layers", "1", "--epochs", "1", "--batch_size", "16", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "uniform", "ensemble"])
+def test_distill_end_to_end(workdir, strategy):
+    out = f"runs/{strategy}"
+    m = run(FAST + ["--strategy", strategy, "--out_dir", out], workdir)
+    assert m["strategy"] == strategy and set(m["teachers"]) == {"teachers/RTE/big", "teachers/RTE/small"}
+    assert [h["phase"] for h in m["history"]] == (["phase1", "phase2", "final"] if strategy == "auto" else ["final"])
+    dist = json.load(open(os.path.join(workdir, out, "distribution.json")))
+    assert sum(dist["final"]) == pytest.approx(1.0)
+    if strategy == "auto":
+        assert len(dist["discarded"]) == 1 and dist["final"].count(0.0) == 1  # keep: half of 2
+        assert len(dist["phase1"]) == 6 and len(dist["phase2"]) == 6  # (96 - 9 held out) / 16 steps each
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, out))
+    assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
+
+
+def test_single_teacher_and_seeded_repeat(workdir):
+    m = run(FAST + ["--strategy", "single", "--teachers", "teachers/RTE/big", "--out_dir", "runs/single"], workdir)
+    assert list(m["teachers"]) == ["teachers/RTE/big"]
+    runs = [run(FAST + ["--seed", "5", "--out_dir", f"runs/repeat{i}"], workdir) for i in range(2)]
+    dists = [open(os.path.join(workdir, f"runs/repeat{i}/distribution.json")).read() for i in range(2)]
+    assert dists[0] == dists[1] and runs[0]["dev"] == runs[1]["dev"]
+
+
+def test_regression_task_end_to_end(tiny_bert, tmp_path):
+    root = str(tmp_path)
+    write_task(os.path.join(root, "glue_data"), "STS-B", n_train=48, n_dev=16)
+    run(["--task", "STS-B", "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
+         "--epochs", "1", "--out_dir", "teachers/STS-B/t"], root)
+    m = run(["--task", "STS-B", "--student_layers", "1", "--epochs", "1", "--batch_size", "8"], root)
+    assert set(m["dev"]["dev"]) == {"pearson", "spearman"}
+
+
+def test_command_line_errors_are_one_sentence(workdir, tmp_path):
+    cases = [
+        (["--task", "RTE"], tmp_path, "no RTE data in glue_data"),
+        (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data")], tmp_path,
+         "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
+        (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
+        (["--task", "RTE", "--keep", "3"], workdir, "--keep 3: the team has 2 teachers"),
+        (["--task", "RTE", "--student_layers", "9"], workdir, "--student_layers 9: .* has 3 layers"),
+    ]
+    for argv, cwd, message in cases:
+        code, err = cli(argv, str(cwd))
+        assert code != 0 and "Traceback" not in err, err
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
