@@ -77,6 +77,7 @@ class Loop:
         self.args, self.data, self.tokenizer = args, data, tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
+        self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N]
         regression = glue_data.get_task(args.task).labels is None
         self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long)
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
@@ -123,10 +124,10 @@ class Loop:
         kept for probe_every steps, so the loss after one step is the loss before the next.
         """
         student.train()
-        probes = glue_data.batches(len(heldout), self.args.batch_size) if heldout is not None else []
+        probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
         status, step = {"loss": float("nan")}, 0
         for epoch in range(1, epochs + 1):
-            order = glue_data.batches(len(train_idx), self.args.batch_size, self.order)
+            order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
             for b in glue_data.progress(order, f"{phase} epoch {epoch}/{epochs}", status):
                 idx = train_idx[b].tolist()
                 if probes and step % self.args.probe_every == 0:

@@ -145,16 +145,26 @@ def collate(enc, idx, pad_id):
     return batch
 
 
-def batches(n, batch_size, generator=None):
-    """Index batches over n examples, shuffled with the generator when one is given."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+def batches(lengths, batch_size, generator=None, group=50):
+    """Index batches over examples of the given token lengths [N], grouped by length to pad little.
+
+    With a generator (training): shuffle, sort within chunks of `group` batches, cut, shuffle the
+    batches, so batches stay random yet hold examples of similar length. Without: sorted by length.
+    """
+    lengths = torch.as_tensor(lengths)
+    if generator is None:
+        order = torch.argsort(lengths, stable=True)
+    else:
+        order = torch.randperm(len(lengths), generator=generator)
+        order = torch.cat([c[torch.argsort(lengths[c], stable=True)] for c in order.split(batch_size * group)])
+    out = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if generator is not None:
+        out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+    return out
 
 
-def length_batches(enc, batch_size):
-    """Index batches of examples sorted by length, so that inference pads little."""
-    order = sorted(range(len(enc["input_ids"])), key=lambda i: len(enc["input_ids"][i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def lengths(enc):
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def progress(items, desc, status=None):

@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 transformers.logging.set_verbosity_error()  # the dropped layers and the new head are expected
+transformers.logging.disable_progress_bar()
 
 
 def build_student(name_or_dir, labels, num_layers=None, task=None):

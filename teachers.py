@@ -19,10 +19,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import glue_data
 
+transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
 
 
@@ -94,7 +96,7 @@ def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=Non
     """Model outputs for examples in their original order: [N, C] float32."""
     enc = glue_data.encode(tokenizer, examples, max_len)
     out = torch.empty(len(examples), model.config.num_labels)
-    todo = glue_data.length_batches(enc, batch_size)  # sorted by length: little padding
+    todo = glue_data.batches(glue_data.lengths(enc), batch_size)  # sorted by length: little padding
     for idx in glue_data.progress(todo, desc) if desc else todo:
         batch = {k: v.to(device) for k, v in glue_data.collate(enc, idx, tokenizer.pad_token_id or 0).items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):

@@ -192,6 +192,18 @@ def test_collate_pads_to_longest_in_batch():
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
 
 
+def test_batches_cover_every_example_once_and_pad_little():
+    lengths = torch.randint(5, 120, (1000,), generator=torch.Generator().manual_seed(0))
+    shuffled = glue_data.batches(lengths, 32, torch.Generator().manual_seed(1))
+    assert sorted(i for b in shuffled for i in b) == list(range(1000))
+    assert shuffled == glue_data.batches(lengths, 32, torch.Generator().manual_seed(1))  # seeded
+    padded = sum(len(b) * int(lengths[b].max()) for b in shuffled)
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).split(32)
+    assert padded < 0.7 * sum(len(b) * int(lengths[b].max()) for b in random_order)
+    inference = glue_data.batches(lengths, 32)
+    assert [lengths[i] for b in inference for i in b] == sorted(lengths.tolist())
+
+
 # ------------------------------------------------------------------------------------ metrics
 def test_metrics_against_hand_worked_values():
     pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
