@@ -177,7 +177,10 @@ def phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout):
 
 
 def final(loop, base, soft, sampler):
-    """The reported student: fresh, trained on all of train with p frozen (sampler=None: no teacher draw)."""
+    """The reported student: fresh, trained on all of train, drawing teachers from the frozen p.
+
+    Without a sampler every step uses soft[0]: the one teacher (single), the team's mean (ensemble).
+    """
     student = loop.new_student(base)
     all_idx = torch.arange(len(loop.labels))
     opt, sched = loop.optimizer(student, loop.args.epochs, len(all_idx))

@@ -185,20 +185,21 @@ def accuracy(pred, gold):
     return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
 
+def confusion(pred, gold):
+    """(true positives, false positives, false negatives, true negatives) of class 1."""
+    pairs = list(zip(pred, gold))
+    return tuple(sum(p == a and g == b for p, g in pairs) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0)))
+
+
 def f1(pred, gold):
     """F1 of the positive class 1, as GLUE reports it for MRPC and QQP."""
-    tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
-    fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold))
-    fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold))
+    tp, fp, fn, _ = confusion(pred, gold)
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
 def mcc(pred, gold):
     """Matthews correlation of two binary labelings (0 when a row or column of the table is empty)."""
-    tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
-    tn = sum(p == 0 and g == 0 for p, g in zip(pred, gold))
-    fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold))
-    fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold))
+    tp, fp, fn, tn = confusion(pred, gold)
     den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return (tp * tn - fp * fn) / den if den else 0.0
 

@@ -75,19 +75,23 @@ def write_task(root, task, n_train=64, n_dev=24):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
+def make_tiny_bert(folder, layers):
     """A tiny random BERT checkpoint folder with its own WordPiece vocabulary."""
-    folder = str(tmp_path_factory.mktemp("tiny_bert"))
+    os.makedirs(folder, exist_ok=True)
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=3,
+    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     BertTokenizer(vocab=vocab).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")), layers=3)
 
 
 @pytest.fixture(scope="session")
@@ -452,3 +456,25 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
         assert code != 0 and "Traceback" not in err, err
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
+
+
+# ------------------------------------------------------------------------------------ bench.py
+def test_bench_runs_every_strategy_and_reports(tmp_path):
+    pytest.importorskip("matplotlib")
+    import bench
+    tiny_bert = make_tiny_bert(str(tmp_path / "bert6"), layers=6)  # the bench team goes up to 6 layers
+    write_task(str(tmp_path / "glue"), "MRPC", n_train=48, n_dev=16)
+    out = str(tmp_path / "results")
+    bench.main(["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
+                "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
+                "--train_limit", "40", "--lr", "1e-3", "--out", out])
+    result = json.load(open(os.path.join(out, "MRPC.json")))
+    assert set(result["runs"]) == set(bench.STRATEGIES) and all(len(r) == 2 for r in result["runs"].values())
+    assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
+    assert len(result["teacher_scores"]) == 5 and result["best_teacher"] != "L6-shuffled"
+    table = open(os.path.join(out, "MRPC.md")).read()
+    assert "| auto |" in table and "discarded in" in table
+    assert os.path.getsize(os.path.join(out, "MRPC_distribution.png")) > 1000
+    shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
+    limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
+    assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)

@@ -1,0 +1,175 @@
+"""Reproduce the paper's comparison on real GLUE data: every strategy, same team, student and budget.
+
+    python bench.py --task MRPC --base_model <hub name or folder>
+
+1. fine-tunes the team once (reused when present) with distill.py's own `--strategy none`:
+   teachers of different capacities from --base_model, plus one deliberately ineffective teacher
+   trained on shuffled labels;
+2. runs none, single (the best teacher by dev score), ensemble, uniform and auto for every seed,
+   each through distill.main (no second implementation); a finished run is reused;
+3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the table) and
+   results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
+matplotlib is needed for the picture only (pip install matplotlib).
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+import distill
+import glue_data
+
+STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
+# name: (layers, seed, shuffled labels): capacities differ; the last one is ineffective on purpose.
+TEAM = {"L6-s1": (6, 1, False), "L6-s2": (6, 2, False), "L4": (4, 3, False), "L3": (3, 4, False),
+        "L6-shuffled": (6, 5, True)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", required=True)
+    p.add_argument("--base_model", required=True, help="pretrained checkpoint: hub name or folder")
+    p.add_argument("--data_dir", default="glue_data")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--student_layers", type=int, default=2)
+    p.add_argument("--teacher_epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of every strategy's student")
+    p.add_argument("--train_limit", type=int, help="subsample train to this many examples (say so)")
+    p.add_argument("--max_seq_len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of teachers and students")
+    p.add_argument("--out", default="results")
+    return p.parse_args(argv)
+
+
+def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
+    """A copy of the task's files with train subsampled to `limit` rows and/or its labels shuffled."""
+    spec = glue_data.get_task(task)
+    os.makedirs(os.path.join(dst_dir, task), exist_ok=True)
+    for split in ("train",) + spec.dev:
+        with open(os.path.join(src_dir, task, split + ".tsv"), encoding="utf-8-sig", newline="") as f:
+            lines = [l for l in f.read().split("\n") if l]
+        head, rows = (lines[:1], lines[1:]) if spec.header else ([], lines)
+        if split == "train":
+            rng = random.Random(seed)
+            if limit:
+                rows = rng.sample(rows, min(limit, len(rows)))
+            if shuffle:  # permute the label column: same label balance, no signal
+                col = head[0].split("\t").index(spec.label) if spec.header else spec.label
+                cells = [r.split("\t") for r in rows]
+                labels = [c[col] for c in cells]
+                rng.shuffle(labels)
+                rows = ["\t".join(c[:col] + [l] + c[col + 1:]) for c, l in zip(cells, labels)]
+        tmp = os.path.join(dst_dir, task, split + ".tsv")
+        with open(tmp + ".tmp", "w", encoding="utf-8", newline="") as f:
+            f.write("".join(l + "\n" for l in head + rows))
+        os.replace(tmp + ".tmp", tmp)
+
+
+def run(argv):
+    """distill.main on argv unless its metrics.json exists; returns metrics.json."""
+    args = distill.parse_args(argv)
+    path = os.path.join(args.out_dir, "metrics.json")
+    if not os.path.isfile(path):
+        distill.main(args)
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None):
+    a, t0 = parse_args(argv), time.time()
+    work = os.path.join(a.out, a.task)
+    data_dir = a.data_dir
+    if a.train_limit:
+        data_dir = os.path.join(work, "data")
+        rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
+    common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--lr", str(a.lr),
+              "--cache_dir", os.path.join(work, "cache")]
+
+    # 1. the team
+    team = {}
+    for name, (layers, seed, shuffled) in TEAM.items():
+        teacher_data = data_dir
+        if shuffled:
+            teacher_data = os.path.join(work, "shuffled")
+            rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
+        print(f"== teacher {name}")
+        team[name] = run(common + ["--strategy", "none", "--data_dir", teacher_data, "--student", a.base_model,
+                                   "--student_layers", str(layers), "--epochs", str(a.teacher_epochs),
+                                   "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)])
+    dirs = [os.path.join(work, "teachers", n) for n in TEAM]
+    scores = {n: glue_data.score(m["dev"]) for n, m in team.items()}  # the shuffled teacher is on real dev
+    best = max((n for n in TEAM if not TEAM[n][2]), key=lambda n: scores[n])
+
+    # 2. every strategy and seed, same student and budget
+    runs = {s: {} for s in STRATEGIES}
+    for seed in a.seeds:
+        for strategy in STRATEGIES:
+            teachers = [] if strategy == "none" else [os.path.join(work, "teachers", best)] if strategy == "single" else dirs
+            print(f"== {strategy} seed {seed}")
+            argv = common + ["--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
+                             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs),
+                             "--seed", str(seed), "--out_dir", os.path.join(work, f"{strategy}-seed{seed}")]
+            runs[strategy][seed] = run(argv + (["--teachers"] + teachers if teachers else []))
+    report(a, work, runs, scores, best, dirs, time.time() - t0)
+
+
+def report(a, work, runs, scores, best, dirs, seconds):
+    """results/<TASK>.json and .md, and the picture of the learned distribution."""
+    names = list(TEAM)
+    rows, dists = {}, {}
+    for strategy, by_seed in runs.items():
+        per_seed = {seed: m["dev"] for seed, m in by_seed.items()}
+        metrics = sorted({(s, k) for d in per_seed.values() for s, ms in d.items() for k in ms})
+        rows[strategy] = {f"{s}/{k}": [d[s][k] for d in per_seed.values()] for s, k in metrics}
+    for seed in a.seeds:
+        with open(os.path.join(work, f"auto-seed{seed}", "distribution.json")) as f:
+            dists[seed] = json.load(f)
+    shuffled = [n for n in names if TEAM[n][2]][0]
+    lowest = sum(min(range(len(names)), key=lambda i: d["phase1"][-1][i]) == names.index(shuffled)
+                 for d in dists.values())
+    dropped = sum(os.path.join(work, "teachers", shuffled) in d["discarded"] for d in dists.values())
+    result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
+              "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
+              "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
+              "shuffled_lowest_phase1": lowest, "shuffled_discarded": dropped, "wall_s": seconds}
+    os.makedirs(a.out, exist_ok=True)
+    distill.save_json(result, os.path.join(a.out, f"{a.task}.json"))
+
+    cols = list(next(iter(rows.values())))
+    lines = [f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    for strategy, r in rows.items():
+        cells = [f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+                 for v in r.values()]
+        lines.append(f"| {strategy} | {' | '.join(cells)} |")
+    lines += ["", "| teacher | layers | dev score |", "|---|---|---|"]
+    lines += [f"| {n}{' (best)' if n == best else ''} | {TEAM[n][0]} | {100 * scores[n]:.1f} |" for n in names]
+    lines += ["", f"Shuffled-label teacher: lowest phase-1 weight in {lowest}/{len(dists)} seeds, "
+              f"discarded in {dropped}/{len(dists)}. Wall time {seconds / 60:.0f} min."]
+    with open(os.path.join(a.out, f"{a.task}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(dists, names, os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+
+
+def plot(dists, names, path, task):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(dists), figsize=(5 * len(dists), 3.6), squeeze=False, sharey=True)
+    for ax, (seed, d) in zip(axes[0], dists.items()):
+        trace = d["phase1"] + d["phase2"]
+        for i, name in enumerate(names):
+            ax.plot([p[i] for p in trace], label=name)
+        ax.axvline(len(d["phase1"]), color="k", ls="--", lw=1)
+        ax.text(len(d["phase1"]), 0.95, " selection", va="top")
+        ax.set_title(f"{task}, seed {seed}")
+        ax.set_xlabel("step (phase-1, then phase-2)")
+    axes[0][0].set_ylabel("sampling weight p")
+    axes[0][-1].legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()
