@@ -156,7 +156,7 @@ class Loop:
             for s, ex in self.data.items() if s != "train"}
         student.train()
         self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
-        print(f"{phase} epoch {epoch}: dev " + ", ".join(
+        print(f"{phase} epoch {epoch}: " + ", ".join(
             f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()))
         return dev
 
