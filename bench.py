@@ -12,14 +12,20 @@
 matplotlib is needed for the picture only (pip install matplotlib).
 """
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
 
 import distill
 import glue_data
+import teachers as team_lib
 
 STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
 # name: (layers, seed, shuffled labels): capacities differ; the last one is ineffective on purpose.
@@ -38,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="epochs of every strategy's student")
     p.add_argument("--train_limit", type=int, help="subsample train to this many examples (say so)")
     p.add_argument("--max_seq_len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of teachers and students")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the students")
+    p.add_argument("--teacher_lr", type=float, default=1e-4, help="learning rate of the teachers")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
     return p.parse_args(argv)
 
@@ -68,13 +76,35 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
 
 
 def run(argv):
-    """distill.main on argv unless its metrics.json exists; returns metrics.json."""
+    """distill.main on argv unless its metrics.json exists (its output goes to run.log); metrics.json."""
     args = distill.parse_args(argv)
     path = os.path.join(args.out_dir, "metrics.json")
     if not os.path.isfile(path):
-        distill.main(args)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "run.log"), "w") as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            distill.main(args)
     with open(path) as f:
         return json.load(f)
+
+
+def run_all(jobs, argvs, t0):
+    """Run every argv ({key: argv}), `jobs` at a time; {key: metrics.json}."""
+    def done(key, m, i):
+        print(f"[{i}/{len(argvs)}, {(time.time() - t0) / 60:.0f} min] {key}: dev score {glue_data.score(m['dev']):.4f}",
+              flush=True)
+    if jobs == 1:
+        out = {}
+        for i, (key, argv) in enumerate(argvs.items(), 1):
+            out[key] = run(argv)
+            done(key, out[key], i)
+        return out
+    with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        futures = {key: pool.submit(run, argv) for key, argv in argvs.items()}
+        for i, (key, f) in enumerate(futures.items(), 1):
+            done(key, f.result(), i)
+        return {key: f.result() for key, f in futures.items()}
 
 
 def main(argv=None):
@@ -84,34 +114,37 @@ def main(argv=None):
     if a.train_limit:
         data_dir = os.path.join(work, "data")
         rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
-    common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--lr", str(a.lr),
-              "--cache_dir", os.path.join(work, "cache")]
+    common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache")]
 
     # 1. the team
-    team = {}
+    argvs = {}
     for name, (layers, seed, shuffled) in TEAM.items():
         teacher_data = data_dir
         if shuffled:
             teacher_data = os.path.join(work, "shuffled")
             rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
-        print(f"== teacher {name}")
-        team[name] = run(common + ["--strategy", "none", "--data_dir", teacher_data, "--student", a.base_model,
-                                   "--student_layers", str(layers), "--epochs", str(a.teacher_epochs),
-                                   "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)])
+        argvs[name] = common + ["--strategy", "none", "--data_dir", teacher_data, "--student", a.base_model,
+                                "--student_layers", str(layers), "--epochs", str(a.teacher_epochs), "--lr", str(a.teacher_lr),
+                                "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)]
+    team = run_all(a.jobs, argvs, t0)
     dirs = [os.path.join(work, "teachers", n) for n in TEAM]
     scores = {n: glue_data.score(m["dev"]) for n, m in team.items()}  # the shuffled teacher is on real dev
     best = max((n for n in TEAM if not TEAM[n][2]), key=lambda n: scores[n])
 
     # 2. every strategy and seed, same student and budget
-    runs = {s: {} for s in STRATEGIES}
+    # The teachers' outputs are cached once, here, so that parallel runs only read the cache.
+    team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
+                       os.path.join(work, "cache"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    argvs = {}
     for seed in a.seeds:
         for strategy in STRATEGIES:
             teachers = [] if strategy == "none" else [os.path.join(work, "teachers", best)] if strategy == "single" else dirs
-            print(f"== {strategy} seed {seed}")
-            argv = common + ["--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
-                             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs),
-                             "--seed", str(seed), "--out_dir", os.path.join(work, f"{strategy}-seed{seed}")]
-            runs[strategy][seed] = run(argv + (["--teachers"] + teachers if teachers else []))
+            argvs[strategy, seed] = common + [
+                "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
+                "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", str(seed),
+                "--out_dir", os.path.join(work, f"{strategy}-seed{seed}")] + (["--teachers"] + teachers if teachers else [])
+    done = run_all(a.jobs, argvs, t0)
+    runs = {s: {seed: done[s, seed] for seed in a.seeds} for s in STRATEGIES}
     report(a, work, runs, scores, best, dirs, time.time() - t0)
 
 

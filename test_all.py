@@ -467,7 +467,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     out = str(tmp_path / "results")
     bench.main(["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
-                "--train_limit", "40", "--lr", "1e-3", "--out", out])
+                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out])
     result = json.load(open(os.path.join(out, "MRPC.json")))
     assert set(result["runs"]) == set(bench.STRATEGIES) and all(len(r) == 2 for r in result["runs"].values())
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
