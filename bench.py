@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import random
+import shlex
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the students")
     p.add_argument("--teacher_lr", type=float, default=1e-4, help="learning rate of the teachers")
+    p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
+                   help='an extra auto row with other distill.py flags, e.g. --variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
     return p.parse_args(argv)
@@ -135,38 +138,47 @@ def main(argv=None):
     # The teachers' outputs are cached once, here, so that parallel runs only read the cache.
     team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
                        os.path.join(work, "cache"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = {s: (s, s, []) for s in STRATEGIES}  # row: (strategy, out_dir prefix, extra flags)
+    rows.update({f"auto ({name})": ("auto", f"auto-{name}", shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
     for seed in a.seeds:
-        for strategy in STRATEGIES:
+        for row, (strategy, prefix, extra) in rows.items():
             teachers = [] if strategy == "none" else [os.path.join(work, "teachers", best)] if strategy == "single" else dirs
-            argvs[strategy, seed] = common + [
+            argvs[row, seed] = common + [
                 "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
                 "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", str(seed),
-                "--out_dir", os.path.join(work, f"{strategy}-seed{seed}")] + (["--teachers"] + teachers if teachers else [])
+                "--out_dir", os.path.join(work, f"{prefix}-seed{seed}")] + (["--teachers"] + teachers if teachers else []) + extra
     done = run_all(a.jobs, argvs, t0)
-    runs = {s: {seed: done[s, seed] for seed in a.seeds} for s in STRATEGIES}
-    report(a, work, runs, scores, best, dirs, time.time() - t0)
+    runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
+    report(a, work, runs, {row: prefix for row, (strategy, prefix, _) in rows.items() if strategy == "auto"},
+           scores, best, time.time() - t0)
 
 
-def report(a, work, runs, scores, best, dirs, seconds):
+def report(a, work, runs, autos, scores, best, seconds):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
     names = list(TEAM)
-    rows, dists = {}, {}
+    rows, selection = {}, {}
     for strategy, by_seed in runs.items():
         per_seed = {seed: m["dev"] for seed, m in by_seed.items()}
         metrics = sorted({(s, k) for d in per_seed.values() for s, ms in d.items() for k in ms})
         rows[strategy] = {f"{s}/{k}": [d[s][k] for d in per_seed.values()] for s, k in metrics}
-    for seed in a.seeds:
-        with open(os.path.join(work, f"auto-seed{seed}", "distribution.json")) as f:
-            dists[seed] = json.load(f)
-    shuffled = [n for n in names if TEAM[n][2]][0]
-    lowest = sum(min(range(len(names)), key=lambda i: d["phase1"][-1][i]) == names.index(shuffled)
-                 for d in dists.values())
-    dropped = sum(os.path.join(work, "teachers", shuffled) in d["discarded"] for d in dists.values())
+    shuffled = names.index([n for n in names if TEAM[n][2]][0])
+    for row, prefix in autos.items():  # what phase-1 and selection did with the ineffective teacher
+        dists = {}
+        for seed in a.seeds:
+            with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
+                dists[seed] = json.load(f)
+        selection[row] = {
+            "shuffled_lowest_phase1": sum(min(range(len(names)), key=lambda i: d["phase1"][-1][i]) == shuffled
+                                          for d in dists.values()),
+            "shuffled_discarded": sum(d["teachers"][shuffled] in d["discarded"] for d in dists.values()),
+            "phase1_final_p": [statistics.mean(d["phase1"][-1][i] for d in dists.values()) for i in range(len(names))],
+            "dists": dists}
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
               "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
-              "shuffled_lowest_phase1": lowest, "shuffled_discarded": dropped, "wall_s": seconds}
+              "selection": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in selection.items()},
+              "wall_s": seconds}
     os.makedirs(a.out, exist_ok=True)
     distill.save_json(result, os.path.join(a.out, f"{a.task}.json"))
 
@@ -178,12 +190,17 @@ def report(a, work, runs, scores, best, dirs, seconds):
         lines.append(f"| {strategy} | {' | '.join(cells)} |")
     lines += ["", "| teacher | layers | dev score |", "|---|---|---|"]
     lines += [f"| {n}{' (best)' if n == best else ''} | {TEAM[n][0]} | {100 * scores[n]:.1f} |" for n in names]
-    lines += ["", f"Shuffled-label teacher: lowest phase-1 weight in {lowest}/{len(dists)} seeds, "
-              f"discarded in {dropped}/{len(dists)}. Wall time {seconds / 60:.0f} min."]
-    with open(os.path.join(a.out, f"{a.task}.md"), "w") as f:
+    n = len(a.seeds)
+    lines += ["", f"| run | shuffled teacher lowest after phase-1 | shuffled teacher discarded | "
+              f"mean p after phase-1 ({', '.join(names)}) |", "|---|---|---|---|"]
+    lines += [f"| {row} | {s['shuffled_lowest_phase1']}/{n} | {s['shuffled_discarded']}/{n} | "
+              f"{', '.join(f'{p:.2f}' for p in s['phase1_final_p'])} |" for row, s in selection.items()]
+    lines += ["", f"Wall time {seconds / 60:.0f} min."]
+    with open(os.path.join(a.out, f"{a.task}.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(a.out, f"{a.task}.md.tmp"), os.path.join(a.out, f"{a.task}.md"))
     print("\n".join(lines))
-    plot(dists, names, os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+    plot(selection["auto"]["dists"], names, os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
 
 
 def plot(dists, names, path, task):
@@ -201,7 +218,8 @@ def plot(dists, names, path, task):
         ax.set_xlabel("step (phase-1, then phase-2)")
     axes[0][0].set_ylabel("sampling weight p")
     axes[0][-1].legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
+    os.replace(path + ".tmp.png", path)
 
 
 if __name__ == "__main__":

@@ -467,13 +467,16 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     out = str(tmp_path / "results")
     bench.main(["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
-                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out])
+                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out, "--variant", "slr1", "--sampler_lr 1"])
     result = json.load(open(os.path.join(out, "MRPC.json")))
-    assert set(result["runs"]) == set(bench.STRATEGIES) and all(len(r) == 2 for r in result["runs"].values())
+    assert set(result["runs"]) == set(bench.STRATEGIES) | {"auto (slr1)"}
+    assert all(len(r) == 2 for r in result["runs"].values())
+    assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
+    assert set(result["selection"]) == {"auto", "auto (slr1)"}
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
     assert len(result["teacher_scores"]) == 5 and result["best_teacher"] != "L6-shuffled"
     table = open(os.path.join(out, "MRPC.md")).read()
-    assert "| auto |" in table and "discarded in" in table
+    assert "| auto |" in table and "| auto (slr1) | " in table
     assert os.path.getsize(os.path.join(out, "MRPC_distribution.png")) > 1000
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
