@@ -136,6 +136,11 @@ class Loop:
                 k = sampler.sample() if sampler else 0
                 targets = soft[k, idx].to(self.device) if soft is not None else None
                 loss = self.loss(student, idx, targets)
+                value = loss.item()
+                if not math.isfinite(value):  # stop before the step spreads it into the weights
+                    raise FloatingPointError(
+                        f"{phase} epoch {epoch} step {step + 1}: the loss is {value}; the usual cause is a "
+                        f"learning rate too high for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -144,7 +149,6 @@ class Loop:
                     sampler.update(k, before - after)
                     before = after
                 step += 1
-                value = loss.item()
                 status["loss"] = value if step == 1 else 0.98 * status["loss"] + 0.02 * value
             self.evaluate(phase, epoch, student)
 
@@ -238,6 +242,7 @@ def main(args):
     t0 = time.time()
     data = glue_data.load_task(args.data_dir, args.task)
     names, base = resolve_team(args)
+    kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f"--out_dir {args.out_dir} is not writable")
@@ -295,7 +300,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (ValueError, OSError) as e:  # bad input: one sentence, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input: one sentence, no traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")

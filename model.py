@@ -33,12 +33,7 @@ def build_student(name_or_dir, labels, num_layers=None, task=None):
     The config records the task and the checkpoint it came from, so a fine-tuned student can later
     serve as a teacher and name its base model.
     """
-    config = AutoConfig.from_pretrained(name_or_dir)
-    have = config.num_hidden_layers
-    num_layers = num_layers or have
-    if not 1 <= num_layers <= have:
-        raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers "
-                         f"(choose 1 to {have})")
+    num_layers = layers_to_keep(name_or_dir, num_layers)
     names = labels or ["score"]
     model = AutoModelForSequenceClassification.from_pretrained(
         name_or_dir, num_hidden_layers=num_layers,  # weights of the layers above are not loaded
@@ -48,6 +43,15 @@ def build_student(name_or_dir, labels, num_layers=None, task=None):
     model.config.base_model = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
     tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
     return model, tokenizer
+
+
+def layers_to_keep(name_or_dir, num_layers=None):
+    """num_layers (all when None), checked against the checkpoint's own number of layers."""
+    have = AutoConfig.from_pretrained(name_or_dir).num_hidden_layers
+    num_layers = num_layers or have
+    if not 1 <= num_layers <= have:
+        raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers (choose 1 to {have})")
+    return num_layers
 
 
 def soft_targets(teacher_logits, T):

@@ -442,6 +442,18 @@ def test_regression_task_end_to_end(tiny_bert, tmp_path):
     assert set(m["dev"]["dev"]) == {"pearson", "spearman"}
 
 
+def test_a_nan_loss_stops_with_its_step(workdir, monkeypatch):
+    real, calls = kd.kd_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(kd, "kd_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="final epoch 1 step 3: the loss is nan"):
+        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/nan"], workdir)
+
+
 def test_command_line_errors_are_one_sentence(workdir, tmp_path):
     cases = [
         (["--task", "RTE"], tmp_path, "no RTE data in glue_data"),
