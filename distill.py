@@ -192,6 +192,22 @@ def final(loop, base, soft, sampler):
     return student
 
 
+def learn_distribution(loop, base, soft, sampler, keep, dist, timings):
+    """AutoSKD before the final student: phase-1, teacher selection, phase-2; recorded in dist."""
+    split = torch.randperm(len(loop.labels), generator=torch.Generator().manual_seed(loop.args.seed))
+    n_held = max(1, int(loop.args.heldout * len(split)))
+    heldout, train_idx = split[:n_held], split[n_held:]  # the reward's examples, never trained on here
+    t = time.time()
+    student, opt, sched = phase1(loop, base, soft, sampler, train_idx, heldout)
+    dist["phase1"], timings["phase1_s"] = list(sampler.trace), time.time() - t
+    dist["discarded"] = sampler.select_teachers(keep)
+    print(f"teacher selection: kept {[n for n, a in zip(sampler.names, sampler.active) if a]}, "
+          f"discarded {dist['discarded']}")
+    t = time.time()
+    phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
+    dist["phase2"], timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
+
+
 # ------------------------------------------------------------------------------- the command
 def resolve_team(args):
     """Teacher checkpoints to use (empty for --strategy none) and the student checkpoint."""
@@ -243,6 +259,9 @@ def main(args):
     data = glue_data.load_task(args.data_dir, args.task)
     names, base = resolve_team(args)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
+    keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
+    if args.strategy == "auto" and not 1 <= keep <= len(names):
+        raise ValueError(f"--keep {keep}: the team has {len(names)} teachers (choose 1 to {len(names)})")
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f"--out_dir {args.out_dir} is not writable")
@@ -259,22 +278,7 @@ def main(args):
     elif args.strategy in ("auto", "uniform"):
         sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed)
     if args.strategy == "auto":
-        keep = args.keep if args.keep is not None else math.ceil(len(team) / 2)
-        if not 1 <= keep <= len(team):
-            raise ValueError(f"--keep {keep}: the team has {len(team)} teachers (choose 1 to {len(team)})")
-        split = torch.randperm(len(loop.labels), generator=torch.Generator().manual_seed(args.seed))
-        n_held = max(1, int(args.heldout * len(split)))
-        heldout, train_idx = split[:n_held], split[n_held:]
-        t = time.time()
-        student, opt, sched = phase1(loop, base, soft, sampler, train_idx, heldout)
-        dist["phase1"], timings["phase1_s"] = list(sampler.trace), time.time() - t
-        dist["discarded"] = sampler.select_teachers(keep)
-        print(f"teacher selection: kept {[n for n, a in zip(names, sampler.active) if a]}, "
-              f"discarded {dist['discarded']}")
-        t = time.time()
-        phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
-        dist["phase2"], timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
-        del student, opt, sched
+        learn_distribution(loop, base, soft, sampler, keep, dist, timings)
     if sampler:
         dist["final"] = sampler.probs().tolist()
         print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, dist["final"])))

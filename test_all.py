@@ -460,12 +460,13 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
         (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data")], tmp_path,
          "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
         (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
-        (["--task", "RTE", "--keep", "3"], workdir, "--keep 3: the team has 2 teachers"),
-        (["--task", "RTE", "--student_layers", "9"], workdir, "--student_layers 9: .* has 3 layers"),
+        (["--task", "RTE", "--keep", "3", "--cache_dir", "no_cache"], workdir, "--keep 3: the team has 2 teachers"),
+        (["--task", "RTE", "--student_layers", "9", "--cache_dir", "no_cache"], workdir, "--student_layers 9: .* has 3"),
     ]
     for argv, cwd, message in cases:
         code, err = cli(argv, str(cwd))
         assert code != 0 and "Traceback" not in err, err
+        assert not os.path.exists(os.path.join(str(cwd), "no_cache")), "checked only after running the teachers"
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
 
