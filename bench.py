@@ -30,8 +30,9 @@ import teachers as team_lib
 
 STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
 # name: (layers, seed, shuffled labels): capacities differ; the last one is ineffective on purpose.
-TEAM = {"L6-s1": (6, 1, False), "L6-s2": (6, 2, False), "L4": (4, 3, False), "L3": (3, 4, False),
-        "L6-shuffled": (6, 5, True)}
+# Listed longest first, so that with --jobs the last runs are short ones.
+TEAM = {"L6-s1": (6, 1, False), "L6-s2": (6, 2, False), "L6-shuffled": (6, 5, True), "L4": (4, 3, False),
+        "L3": (3, 4, False)}
 
 
 def parse_args(argv=None):
@@ -141,8 +142,8 @@ def main(argv=None):
     rows = {s: (s, s, []) for s in STRATEGIES}  # row: (strategy, out_dir prefix, extra flags)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
-    for seed in a.seeds:
-        for row, (strategy, prefix, extra) in rows.items():
+    for seed in a.seeds:  # auto rows first: they are the longest
+        for row, (strategy, prefix, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
             teachers = [] if strategy == "none" else [os.path.join(work, "teachers", best)] if strategy == "single" else dirs
             argvs[row, seed] = common + [
                 "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
