@@ -34,6 +34,7 @@ import teachers as team_lib
 from sampler import TeacherSampler
 
 STRATEGIES = ("auto", "uniform", "single", "ensemble", "none")
+PHASES = ("phase1", "phase2", "final")
 
 
 def parse_args(argv=None):
@@ -59,11 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", help="where results and the student go (default: runs/<TASK>-<strategy>-seed<N>)")
     p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from <out_dir>/resume.pt")
+    p.add_argument("--save_every", type=int, default=500, help="steps between resume checkpoints (and every epoch end)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or f"runs/{args.task}-{args.strategy}-seed{args.seed}"
     for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
                      ("temperature", args.temperature > 0), ("alpha", 0 <= args.alpha <= 1),
-                     ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1)]:
+                     ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1),
+                     ("save_every", args.save_every >= 1)]:
         if not ok:
             p.error(f"--{name} {getattr(args, name)} is out of range")
     return args
@@ -81,7 +85,8 @@ class Loop:
         regression = glue_data.get_task(args.task).labels is None
         self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long)
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
-        self.history = []
+        self.history, self.dist, self.timings = [], {}, {}   # what metrics/distribution.json report
+        self.resume_path, self.resume = os.path.join(args.out_dir, "resume.pt"), None
 
     def batch(self, idx):
         pad = self.tokenizer.pad_token_id or 0
@@ -123,14 +128,22 @@ class Loop:
         the reward of a step is probe loss before it minus probe loss after it, on a held-out batch
         kept for probe_every steps, so the loss after one step is the loss before the next.
         """
+        r, start, skip, step, before = self.resume, 1, 0, 0, None
+        if r and PHASES.index(r["phase"]) > PHASES.index(phase):
+            return  # this phase had finished before the run was killed
+        if r and r["phase"] == phase:  # continue from the checkpoint, exactly
+            student.load_state_dict(r["student"]), opt.load_state_dict(r["opt"]), sched.load_state_dict(r["sched"])
+            self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
+            start, skip, step, self.resume = r["epoch"], r["batch"], r["step"], None
         student.train()
         probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
-        status, step = {"loss": float("nan")}, 0
-        for epoch in range(1, epochs + 1):
+        status = {"loss": float("nan")}
+        for epoch in range(start, epochs + 1):
+            order_state = self.order.get_state()  # to redraw this epoch's batches on resumption
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
-            for b in glue_data.progress(order, f"{phase} epoch {epoch}/{epochs}", status):
+            for i, b in enumerate(glue_data.progress(order[skip:], f"{phase} epoch {epoch}/{epochs}", status), skip):
                 idx = train_idx[b].tolist()
-                if probes and step % self.args.probe_every == 0:
+                if probes and (step % self.args.probe_every == 0 or before is None):
                     probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
                     before = self.probe(student, probe_idx)
                 k = sampler.sample() if sampler else 0
@@ -150,7 +163,33 @@ class Loop:
                     before = after
                 step += 1
                 status["loss"] = value if step == 1 else 0.98 * status["loss"] + 0.02 * value
+                if step % self.args.save_every == 0:
+                    self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler)
+            skip = 0
             self.evaluate(phase, epoch, student)
+            self.checkpoint(phase, epoch + 1, 0, step, self.order.get_state(), student, opt, sched, sampler)
+
+    def checkpoint(self, phase, epoch, batch, step, order_state, student, opt, sched, sampler):
+        """Everything --resume needs to go on from the next batch as if never killed."""
+        state = {"phase": phase, "epoch": epoch, "batch": batch, "step": step, "order": order_state,
+                 "rng": torch.get_rng_state(), "student": student.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
+                 "history": self.history, "dist": self.dist, "timings": self.timings, "args": vars(self.args)}
+        torch.save(state, self.resume_path + ".tmp")
+        os.replace(self.resume_path + ".tmp", self.resume_path)
+
+    def load_checkpoint(self):
+        """Read resume.pt (if any) written with the same flags; the phases pick up their part in train()."""
+        if not os.path.isfile(self.resume_path):
+            print(f"note: nothing to resume in {self.args.out_dir}; starting afresh")
+            return
+        r = torch.load(self.resume_path, weights_only=True)
+        other = [k for k, v in r["args"].items() if k not in ("resume", "save_every") and vars(self.args).get(k) != v]
+        if other:
+            raise ValueError(f"{self.resume_path} was written with other flags (--{', --'.join(other)}): "
+                             f"rerun with the same flags, or without --resume")
+        self.resume, self.history, self.dist, self.timings = r, r["history"], r["dist"], r["timings"]
+        print(f"resuming {r['phase']} at epoch {r['epoch']}, batch {r['batch']}")
 
     def evaluate(self, phase, epoch, student):
         """Dev metrics, for reporting only: {split: {metric: value}}."""
@@ -192,20 +231,21 @@ def final(loop, base, soft, sampler):
     return student
 
 
-def learn_distribution(loop, base, soft, sampler, keep, dist, timings):
-    """AutoSKD before the final student: phase-1, teacher selection, phase-2; recorded in dist."""
+def learn_distribution(loop, base, soft, sampler, keep):
+    """AutoSKD before the final student: phase-1, teacher selection, phase-2; recorded in loop.dist."""
     split = torch.randperm(len(loop.labels), generator=torch.Generator().manual_seed(loop.args.seed))
     n_held = max(1, int(loop.args.heldout * len(split)))
     heldout, train_idx = split[:n_held], split[n_held:]  # the reward's examples, never trained on here
-    t = time.time()
+    dist, t = loop.dist, time.time()
     student, opt, sched = phase1(loop, base, soft, sampler, train_idx, heldout)
-    dist["phase1"], timings["phase1_s"] = list(sampler.trace), time.time() - t
-    dist["discarded"] = sampler.select_teachers(keep)
-    print(f"teacher selection: kept {[n for n, a in zip(sampler.names, sampler.active) if a]}, "
-          f"discarded {dist['discarded']}")
+    if "discarded" not in dist:  # (a resumed run may have selected already)
+        dist["phase1"], loop.timings["phase1_s"] = list(sampler.trace), time.time() - t
+        dist["discarded"] = sampler.select_teachers(keep)
+        print(f"teacher selection: kept {[n for n, a in zip(sampler.names, sampler.active) if a]}, "
+              f"discarded {dist['discarded']}")
     t = time.time()
     phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
-    dist["phase2"], timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
+    dist["phase2"], loop.timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
 
 
 # ------------------------------------------------------------------------------- the command
@@ -267,9 +307,13 @@ def main(args):
         raise PermissionError(f"--out_dir {args.out_dir} is not writable")
     tokenizer = AutoTokenizer.from_pretrained(base)
     loop = Loop(args, data, tokenizer)
+    if args.resume:
+        loop.load_checkpoint()
     team = team_lib.load_team(names, args.task, args.data_dir, data, args.max_seq_len, args.cache_dir,
                               loop.device) if names else []
-    timings, dist = {"teachers_s": time.time() - t0}, {"teachers": names}
+    timings, dist = loop.timings, loop.dist
+    timings.setdefault("teachers_s", time.time() - t0)
+    dist["teachers"] = names
     soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]) if team else None  # [K, N, C]
 
     sampler = None
@@ -277,8 +321,10 @@ def main(args):
         soft, dist["final"] = soft.mean(0, keepdim=True), [1 / len(team)] * len(team)
     elif args.strategy in ("auto", "uniform"):
         sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed)
+        if loop.resume:
+            sampler.load_state_dict(loop.resume["sampler"])
     if args.strategy == "auto":
-        learn_distribution(loop, base, soft, sampler, keep, dist, timings)
+        learn_distribution(loop, base, soft, sampler, keep)
     if sampler:
         dist["final"] = sampler.probs().tolist()
         print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, dist["final"])))
@@ -297,6 +343,8 @@ def main(args):
               os.path.join(args.out_dir, "metrics.json"))
     if names:
         save_json(dist, os.path.join(args.out_dir, "distribution.json"))
+    if os.path.exists(loop.resume_path):
+        os.remove(loop.resume_path)  # the run is complete
     print(f"done in {timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {args.out_dir}")
 
 
@@ -307,4 +355,4 @@ if __name__ == "__main__":
     except (ValueError, OSError, FloatingPointError) as e:  # bad input: one sentence, no traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        sys.exit(f"interrupted; to go on from the last checkpoint, run the same command with --resume")

@@ -83,7 +83,8 @@ class TeacherSampler:
         return {"names": self.names, "theta": self.theta.tolist(), "active": self.active,
                 "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize,
                 "baseline": self.baseline, "var": self.var, "steps": self.steps,
-                "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist()}
+                "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist(),
+                "trace": self.trace}
 
     def load_state_dict(self, state):
         self.names, self.active = list(state["names"]), list(state["active"])
@@ -92,6 +93,7 @@ class TeacherSampler:
         self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
         if "generator" in state:
             self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.trace = list(state.get("trace", []))
 
     def save(self, path):
         tmp = path + ".tmp"

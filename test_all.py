@@ -433,6 +433,56 @@ def test_single_teacher_and_seeded_repeat(workdir):
     assert dists[0] == dists[1] and runs[0]["dev"] == runs[1]["dev"]
 
 
+@pytest.mark.parametrize("phase", ["phase1", "phase2", "final"])
+def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
+    argv = FAST + ["--seed", "3", "--save_every", "2"]
+    ref = run(argv + ["--out_dir", "runs/uninterrupted"], workdir)
+    current, calls, real_progress, real_loss = [None], [], glue_data.progress, kd.kd_loss
+
+    def progress(items, desc, status=None):
+        current[0] = desc.split()[0]
+        return real_progress(items, desc, status)
+
+    def loss(*a, **k):  # step 3 of 6 in the phase (probes are losses too): past the step-2 checkpoint
+        calls.append(current[0])
+        if calls.count(phase) == (5 if phase == "final" else 8):
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(glue_data, "progress", progress)
+    monkeypatch.setattr(kd, "kd_loss", loss)
+    out = os.path.join(workdir, f"runs/killed-{phase}")
+    with pytest.raises(KeyboardInterrupt):
+        run(argv + ["--out_dir", f"runs/killed-{phase}"], workdir)
+    assert os.path.exists(os.path.join(out, "resume.pt")) and not os.path.exists(os.path.join(out, "metrics.json"))
+    monkeypatch.setattr(kd, "kd_loss", real_loss)
+    resumed = run(argv + ["--out_dir", f"runs/killed-{phase}", "--resume"], workdir)
+    assert resumed["dev"] == ref["dev"] and resumed["history"] == ref["history"]
+    read = lambda d: open(os.path.join(workdir, d, "distribution.json")).read()
+    assert read(f"runs/killed-{phase}") == read("runs/uninterrupted")
+    a = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/uninterrupted")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not os.path.exists(os.path.join(out, "resume.pt"))
+
+
+def test_resume_refuses_other_flags(workdir, monkeypatch):
+    real, calls = kd.kd_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 12:  # past a few checkpoints of phase-1
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kd, "kd_loss", loss)
+    with pytest.raises(KeyboardInterrupt):
+        run(FAST + ["--out_dir", "runs/flags", "--save_every", "1"], workdir)
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(workdir, "runs/flags/resume.pt"))
+    with pytest.raises(ValueError, match=r"written with other flags \(--lr\)"):
+        run(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
+
+
 def test_regression_task_end_to_end(tiny_bert, tmp_path):
     root = str(tmp_path)
     write_task(os.path.join(root, "glue_data"), "STS-B", n_train=48, n_dev=16)
