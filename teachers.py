@@ -121,10 +121,11 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
     """Check, run (or read from the cache) and score every teacher: a list of Teacher."""
     if not names:
         raise TeamError("no teachers given")
-    team = []
-    for name in names:
-        folder = local_folder(name)
+    folders = [local_folder(name) for name in names]
+    for name, folder in zip(names, folders):  # refuse a misfit before any teacher runs
         check_teacher(name, folder, task_name)
+    team = []
+    for name, folder in zip(names, folders):
         key = fingerprint(folder, task_name, data_dir, list(data), max_len)
         short = os.path.basename(os.path.normpath(name)).replace("/", "_")
         path = os.path.join(cache_dir, task_name, f"{short}-{key[:16]}.pt")

@@ -385,10 +385,12 @@ def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
     cases = {make(["a", "b", "c"], "RTE", "three"): "has 3 outputs; RTE needs 2",
              make(["not_entailment", "entailment"], "RTE", "swapped"): "orders its labels",
              make(["entailment", "not_entailment"], "QNLI", "qnli"): "fine-tuned on QNLI, not RTE"}
+    good = make(["entailment", "not_entailment"], "RTE", "good")
     for folder, message in cases.items():
         with pytest.raises(teachers.TeamError, match=message):
-            teachers.load_team([folder], "RTE", str(tmp_path), data, 16, str(tmp_path / "c"),
+            teachers.load_team([good, folder], "RTE", str(tmp_path), data, 16, str(tmp_path / "c"),
                                torch.device("cpu"))
+    assert not os.path.exists(str(tmp_path / "c")), "a teacher ran before the misfit was refused"
     os.makedirs(str(tmp_path / "empty"))
     with pytest.raises(teachers.TeamError, match="not a checkpoint folder"):
         teachers.local_folder(str(tmp_path / "empty"))
