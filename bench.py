@@ -80,12 +80,16 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
 
 
 def run(argv):
-    """distill.main on argv unless its metrics.json exists (its output goes to run.log); metrics.json."""
-    args = distill.parse_args(argv)
+    """distill.main on argv unless its metrics.json exists (its output goes to run.log); metrics.json.
+
+    A run killed midway goes on from its resume.pt.
+    """
+    resume = os.path.isfile(os.path.join(distill.parse_args(argv).out_dir, "resume.pt"))
+    args = distill.parse_args(argv + ["--resume"] * resume)
     path = os.path.join(args.out_dir, "metrics.json")
     if not os.path.isfile(path):
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "run.log"), "w") as log, \
+        with open(os.path.join(args.out_dir, "run.log"), "a") as log, \
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             distill.main(args)
     with open(path) as f:

@@ -546,3 +546,23 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+
+
+def test_bench_resumes_a_killed_run(workdir, monkeypatch):
+    import bench
+    real, calls = kd.kd_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    argv = FAST + ["--strategy", "ensemble", "--save_every", "2", "--out_dir", os.path.join(workdir, "runs/bench-kill")]
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(kd, "kd_loss", loss)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(argv)
+    monkeypatch.setattr(kd, "kd_loss", real)
+    assert bench.run(argv)["strategy"] == "ensemble"
+    assert "resuming final at epoch 1, batch 2" in open(os.path.join(workdir, "runs/bench-kill/run.log")).read()
