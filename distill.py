@@ -302,9 +302,12 @@ def main(args):
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
     if args.strategy == "auto" and not 1 <= keep <= len(names):
         raise ValueError(f"--keep {keep}: the team has {len(names)} teachers (choose 1 to {len(names)})")
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not os.access(args.out_dir, os.W_OK):
-        raise PermissionError(f"--out_dir {args.out_dir} is not writable")
+    try:  # write a probe file: permission bits say nothing to root or on a read-only disk
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(os.path.join(args.out_dir, ".write_test"), "w").close()
+        os.remove(os.path.join(args.out_dir, ".write_test"))
+    except OSError as e:
+        raise ValueError(f"--out_dir {args.out_dir} is not writable ({e.strerror})") from None
     tokenizer = AutoTokenizer.from_pretrained(base)
     loop = Loop(args, data, tokenizer)
     if args.resume:

@@ -512,6 +512,9 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
         (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data")], tmp_path,
          "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
         (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
+        (["--task", "RTE", "--keep", "0", "--cache_dir", "no_cache"], workdir, "--keep 0: the team has 2 teachers"),
+        (["--task", "RTE", "--out_dir", "glue_data/RTE/train.tsv/out", "--cache_dir", "no_cache"], workdir,
+         r"--out_dir glue_data/RTE/train.tsv/out is not writable \(Not a directory\)"),
         (["--task", "RTE", "--keep", "3", "--cache_dir", "no_cache"], workdir, "--keep 3: the team has 2 teachers"),
         (["--task", "RTE", "--student_layers", "9", "--cache_dir", "no_cache"], workdir, "--student_layers 9: .* has 3"),
     ]
