@@ -61,7 +61,9 @@ class Examples:
 
 def get_task(name):
     if name not in TASKS:
-        raise DataError(f"unknown task {name!r}; GLUE tasks are: {', '.join(TASKS)}")
+        near = [t for t in TASKS if t.lower().replace("-", "") == name.lower().replace("-", "")]
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise DataError(f"unknown task {name!r}; {hint}GLUE tasks are: {', '.join(TASKS)}")
     return TASKS[name]
 
 

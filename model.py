@@ -47,7 +47,11 @@ def build_student(name_or_dir, labels, num_layers=None, task=None):
 
 def layers_to_keep(name_or_dir, num_layers=None):
     """num_layers (all when None), checked against the checkpoint's own number of layers."""
-    have = AutoConfig.from_pretrained(name_or_dir).num_hidden_layers
+    try:
+        have = AutoConfig.from_pretrained(name_or_dir).num_hidden_layers
+    except OSError as e:
+        raise ValueError(f"--student {name_or_dir} is neither a checkpoint folder nor a model this machine "
+                         f"can load from the hub ({str(e).splitlines()[0]})") from None
     num_layers = num_layers or have
     if not 1 <= num_layers <= have:
         raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers (choose 1 to {have})")

@@ -14,6 +14,8 @@ import random
 import subprocess
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from a hub; CLI subprocesses inherit it
+
 import numpy as np
 import pytest
 import torch
@@ -185,8 +187,10 @@ def test_missing_data(tmp_path):
     os.remove(os.path.join(folder, "dev.tsv"))
     with pytest.raises(glue_data.DataError, match="missing data file .*dev.tsv"):
         glue_data.load_task(str(tmp_path), "RTE")
-    with pytest.raises(glue_data.DataError, match="unknown task 'RTF'"):
+    with pytest.raises(glue_data.DataError, match="unknown task 'RTF'; GLUE tasks are"):
         glue_data.load_task(str(tmp_path), "RTF")
+    with pytest.raises(glue_data.DataError, match="unknown task 'sst2'; did you mean SST-2?"):
+        glue_data.load_task(str(tmp_path), "sst2")
 
 
 def test_collate_pads_to_longest_in_batch():
@@ -513,6 +517,7 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
          "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
         (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
         (["--task", "RTE", "--keep", "0", "--cache_dir", "no_cache"], workdir, "--keep 0: the team has 2 teachers"),
+        (["--task", "RTE", "--student", "no/such-model"], workdir, "--student no/such-model is neither a checkpoint folder"),
         (["--task", "RTE", "--out_dir", "glue_data/RTE/train.tsv/out", "--cache_dir", "no_cache"], workdir,
          r"--out_dir glue_data/RTE/train.tsv/out is not writable \(Not a directory\)"),
         (["--task", "RTE", "--keep", "3", "--cache_dir", "no_cache"], workdir, "--keep 3: the team has 2 teachers"),
