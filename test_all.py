@@ -378,6 +378,32 @@ def test_cache_is_reused_and_invalidated(tiny_teacher, tmp_path, monkeypatch):
     assert load().train.shape == (65, 2) and len(calls) == 5  # damaged file: recomputed, not trusted
 
 
+def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch, tiny_teacher):
+    path = str(tmp_path / "metrics.json")
+    distill.save_json({"old": 1}, path)
+
+    def dies_midway(obj, f, **k):
+        f.write('{"new": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        distill.save_json({"new": 2}, path)
+    assert json.load(open(path)) == {"old": 1}
+    monkeypatch.undo()
+    write_task(str(tmp_path), "RTE")  # the teacher cache: a kill inside torch.save leaves no cache file
+
+    def save_dies_midway(obj, p):
+        open(p, "wb").write(b"PK\x03")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teachers.torch, "save", save_dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        teachers.load_team([tiny_teacher], "RTE", str(tmp_path), glue_data.load_task(str(tmp_path), "RTE"), 16,
+                           str(tmp_path / "c"), torch.device("cpu"))
+    assert [p.suffix for p in (tmp_path / "c" / "RTE").iterdir()] == [".tmp"]
+
+
 def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
     def make(labels, task, name):
         m, tok = kd.build_student(tiny_bert, labels, 1, task)
