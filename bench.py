@@ -14,6 +14,7 @@ matplotlib is needed for the picture only (pip install matplotlib).
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -178,7 +179,7 @@ def report(a, work, runs, autos, scores, best, seconds):
                                           for d in dists.values()),
             "shuffled_discarded": sum(d["teachers"][shuffled] in d["discarded"] for d in dists.values()),
             "phase1_final_p": [statistics.mean(d["phase1"][-1][i] for d in dists.values()) for i in range(len(names))],
-            "dists": dists}
+            "phase1_reward": reward_stats(dists, len(names)), "dists": dists}
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
               "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
@@ -200,12 +201,29 @@ def report(a, work, runs, autos, scores, best, seconds):
               f"mean p after phase-1 ({', '.join(names)}) |", "|---|---|---|---|"]
     lines += [f"| {row} | {s['shuffled_lowest_phase1']}/{n} | {s['shuffled_discarded']}/{n} | "
               f"{', '.join(f'{p:.2f}' for p in s['phase1_final_p'])} |" for row, s in selection.items()]
+    if all(s["phase1_reward"] for s in selection.values()):
+        lines += ["", f"| run | phase-1 reward per teacher, mean ± standard error, pooled over seeds "
+                  f"({', '.join(names)}) |", "|---|---|"]
+        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward'])} |"
+                  for row, s in selection.items()]
     lines += ["", f"Wall time {seconds / 60:.0f} min."]
     with open(os.path.join(a.out, f"{a.task}.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, f"{a.task}.md.tmp"), os.path.join(a.out, f"{a.task}.md"))
     print("\n".join(lines))
     plot(selection["auto"]["dists"], names, os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+
+
+def reward_stats(dists, k):
+    """(mean, standard error) of the phase-1 rewards of each teacher, pooled over seeds; [] if not logged."""
+    if not all("rewards" in d for d in dists.values()):
+        return []
+    stats = []
+    for i in range(k):
+        r = [rew for d in dists.values() for j, rew in d["rewards"][:len(d["phase1"])] if j == i]
+        sd = statistics.stdev(r) if len(r) > 1 else float("nan")
+        stats.append((statistics.mean(r) if r else float("nan"), sd / math.sqrt(len(r)) if r else float("nan")))
+    return stats
 
 
 def plot(dists, names, path, task):

@@ -246,6 +246,7 @@ def learn_distribution(loop, base, soft, sampler, keep):
     t = time.time()
     phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
     dist["phase2"], loop.timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
+    dist["rewards"] = sampler.rewards  # [teacher index, reward] of every step of phase-1, then phase-2
 
 
 # ------------------------------------------------------------------------------- the command

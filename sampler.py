@@ -38,7 +38,7 @@ class TeacherSampler:
         self.lr, self.momentum, self.normalize = lr, momentum, normalize
         self.baseline, self.var, self.steps = 0.0, 0.0, 0
         self.generator = torch.Generator().manual_seed(seed)
-        self.trace = []  # p after every update: [steps][K]
+        self.trace, self.rewards = [], []  # p after every update [steps][K]; (k, reward) of every update
 
     def probs(self):
         """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
@@ -62,6 +62,7 @@ class TeacherSampler:
         self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
         self.steps += 1
         self.trace.append(self.probs().tolist())
+        self.rewards.append([k, reward])
         return adv
 
     def select_teachers(self, keep):
@@ -84,7 +85,7 @@ class TeacherSampler:
                 "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize,
                 "baseline": self.baseline, "var": self.var, "steps": self.steps,
                 "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist(),
-                "trace": self.trace}
+                "trace": self.trace, "rewards": self.rewards}
 
     def load_state_dict(self, state):
         self.names, self.active = list(state["names"]), list(state["active"])
@@ -93,7 +94,7 @@ class TeacherSampler:
         self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
         if "generator" in state:
             self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        self.trace = list(state.get("trace", []))
+        self.trace, self.rewards = list(state.get("trace", [])), list(state.get("rewards", []))
 
     def save(self, path):
         tmp = path + ".tmp"

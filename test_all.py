@@ -453,6 +453,7 @@ def test_distill_end_to_end(workdir, strategy):
     if strategy == "auto":
         assert len(dist["discarded"]) == 1 and dist["final"].count(0.0) == 1  # keep: half of 2
         assert len(dist["phase1"]) == 6 and len(dist["phase2"]) == 6  # (96 - 9 held out) / 16 steps each
+        assert len(dist["rewards"]) == 12 and dist["rewards"][0][0] in (0, 1)
     student = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, out))
     assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
 
@@ -572,6 +573,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     assert all(len(r) == 2 for r in result["runs"].values())
     assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
     assert set(result["selection"]) == {"auto", "auto (slr1)"}
+    assert len(result["selection"]["auto"]["phase1_reward"]) == 5
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
     assert len(result["teacher_scores"]) == 5 and result["best_teacher"] != "L6-shuffled"
     table = open(os.path.join(out, "MRPC.md")).read()
