@@ -156,11 +156,12 @@ def main(argv=None):
                 "--out_dir", os.path.join(work, f"{prefix}-seed{seed}")] + (["--teachers"] + teachers if teachers else []) + extra
     done = run_all(a.jobs, argvs, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
+    run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
     report(a, work, runs, {row: prefix for row, (strategy, prefix, _) in rows.items() if strategy == "auto"},
-           scores, best, time.time() - t0)
+           scores, best, time.time() - t0, run_s)
 
 
-def report(a, work, runs, autos, scores, best, seconds):
+def report(a, work, runs, autos, scores, best, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
     names = list(TEAM)
     rows, selection = {}, {}
@@ -168,23 +169,25 @@ def report(a, work, runs, autos, scores, best, seconds):
         per_seed = {seed: m["dev"] for seed, m in by_seed.items()}
         metrics = sorted({(s, k) for d in per_seed.values() for s, ms in d.items() for k in ms})
         rows[strategy] = {f"{s}/{k}": [d[s][k] for d in per_seed.values()] for s, k in metrics}
-    shuffled = names.index([n for n in names if TEAM[n][2]][0])
+    shuffled = [n for n in names if TEAM[n][2]][0]
     for row, prefix in autos.items():  # what phase-1 and selection did with the ineffective teacher
         dists = {}
         for seed in a.seeds:
             with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
                 dists[seed] = json.load(f)
+        # Teachers are matched by name: a reused run may list them in another order.
+        at = {seed: {os.path.basename(t): i for i, t in enumerate(d["teachers"])} for seed, d in dists.items()}
+        p1 = {seed: {n: d["phase1"][-1][at[seed][n]] for n in names} for seed, d in dists.items()}
         selection[row] = {
-            "shuffled_lowest_phase1": sum(min(range(len(names)), key=lambda i: d["phase1"][-1][i]) == shuffled
-                                          for d in dists.values()),
-            "shuffled_discarded": sum(d["teachers"][shuffled] in d["discarded"] for d in dists.values()),
-            "phase1_final_p": [statistics.mean(d["phase1"][-1][i] for d in dists.values()) for i in range(len(names))],
-            "phase1_reward": reward_stats(dists, len(names)), "dists": dists}
+            "shuffled_lowest_phase1": sum(min(p, key=p.get) == shuffled for p in p1.values()),
+            "shuffled_discarded": sum(shuffled in map(os.path.basename, d["discarded"]) for d in dists.values()),
+            "phase1_final_p": [statistics.mean(p[n] for p in p1.values()) for n in names],
+            "phase1_reward": reward_stats(dists, at, names), "dists": dists}
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
               "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
               "selection": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in selection.items()},
-              "wall_s": seconds}
+              "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     distill.save_json(result, os.path.join(a.out, f"{a.task}.json"))
 
@@ -206,37 +209,39 @@ def report(a, work, runs, autos, scores, best, seconds):
                   f"({', '.join(names)}) |", "|---|---|"]
         lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward'])} |"
                   for row, s in selection.items()]
-    lines += ["", f"Wall time {seconds / 60:.0f} min."]
+    lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
+              f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
+              f"counts its own time)."]
     with open(os.path.join(a.out, f"{a.task}.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, f"{a.task}.md.tmp"), os.path.join(a.out, f"{a.task}.md"))
     print("\n".join(lines))
-    plot(selection["auto"]["dists"], names, os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+    plot(selection["auto"]["dists"], os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
 
 
-def reward_stats(dists, k):
+def reward_stats(dists, at, names):
     """(mean, standard error) of the phase-1 rewards of each teacher, pooled over seeds; [] if not logged."""
     if not all("rewards" in d for d in dists.values()):
         return []
     stats = []
-    for i in range(k):
-        r = [rew for d in dists.values() for j, rew in d["rewards"][:len(d["phase1"])] if j == i]
-        sd = statistics.stdev(r) if len(r) > 1 else float("nan")
-        stats.append((statistics.mean(r) if r else float("nan"), sd / math.sqrt(len(r)) if r else float("nan")))
+    for n in names:
+        r = [rew for seed, d in dists.items() for j, rew in d["rewards"][:len(d["phase1"])] if j == at[seed][n]]
+        mean = statistics.mean(r) if r else float("nan")
+        stats.append((mean, statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")))
     return stats
 
 
-def plot(dists, names, path, task):
+def plot(dists, path, task):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(dists), figsize=(5 * len(dists), 3.6), squeeze=False, sharey=True)
     for ax, (seed, d) in zip(axes[0], dists.items()):
         trace = d["phase1"] + d["phase2"]
-        for i, name in enumerate(names):
-            ax.plot([p[i] for p in trace], label=name)
+        for i, name in enumerate(d["teachers"]):
+            ax.plot([p[i] for p in trace], label=os.path.basename(name))
         ax.axvline(len(d["phase1"]), color="k", ls="--", lw=1)
-        ax.text(len(d["phase1"]), 0.95, " selection", va="top")
+        ax.text(len(d["phase1"]), 0.97, " selection", va="top", transform=ax.get_xaxis_transform())
         ax.set_title(f"{task}, seed {seed}")
         ax.set_xlabel("step (phase-1, then phase-2)")
     axes[0][0].set_ylabel("sampling weight p")

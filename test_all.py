@@ -574,6 +574,19 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
     assert set(result["selection"]) == {"auto", "auto (slr1)"}
     assert len(result["selection"]["auto"]["phase1_reward"]) == 5
+    # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
+    argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
+            "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
+            "--lr", "1e-3", "--teacher_lr", "1e-3", "--out", out, "--variant", "slr1", "--sampler_lr 1"]
+    import unittest.mock
+    with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.TEAM.items())))):
+        bench.main(argv)
+    again = json.load(open(os.path.join(out, "MRPC.json")))
+    for row in ("auto", "auto (slr1)"):
+        first, second = result["selection"][row], again["selection"][row]
+        assert first["phase1_final_p"] == pytest.approx(second["phase1_final_p"][::-1])
+        assert [first[k] for k in ("shuffled_lowest_phase1", "shuffled_discarded")] == \
+               [second[k] for k in ("shuffled_lowest_phase1", "shuffled_discarded")]
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
     assert len(result["teacher_scores"]) == 5 and result["best_teacher"] != "L6-shuffled"
     table = open(os.path.join(out, "MRPC.md")).read()
