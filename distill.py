@@ -359,4 +359,4 @@ if __name__ == "__main__":
     except (ValueError, OSError, FloatingPointError) as e:  # bad input: one sentence, no traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted; to go on from the last checkpoint, run the same command with --resume")
+        sys.exit("interrupted; to go on from the last checkpoint, run the same command with --resume")
