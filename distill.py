@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 import glue_data
 import model as kd
 import teachers as team_lib
-from sampler import TeacherSampler
+from sampler import TeacherSampler, check_keep
 
 STRATEGIES = ("auto", "uniform", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
@@ -301,8 +301,8 @@ def main(args):
     names, base = resolve_team(args)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
-    if args.strategy == "auto" and not 1 <= keep <= len(names):
-        raise ValueError(f"--keep {keep}: the team has {len(names)} teachers (choose 1 to {len(names)})")
+    if args.strategy == "auto":
+        check_keep(keep, len(names))  # now, not after the teachers have run
     try:  # write a probe file: permission bits say nothing to root or on a read-only disk
         os.makedirs(args.out_dir, exist_ok=True)
         open(os.path.join(args.out_dir, ".write_test"), "w").close()

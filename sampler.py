@@ -30,6 +30,11 @@ import os
 import torch
 
 
+def check_keep(keep, n):
+    if not 1 <= keep <= n:
+        raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
+
+
 class TeacherSampler:
     def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0):
         self.names = list(names)
@@ -70,9 +75,7 @@ class TeacherSampler:
 
         Returns the names discarded. Their weight goes to the kept ones, pro rata (see the docstring).
         """
-        n = sum(self.active)
-        if not 1 <= keep <= n:
-            raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
+        check_keep(keep, sum(self.active))
         p = self.probs()
         kept = set(torch.argsort(p, descending=True)[:keep].tolist())
         discarded = [self.names[i] for i in range(len(self.names)) if self.active[i] and i not in kept]
