@@ -204,10 +204,10 @@ def report(a, work, runs, autos, scores, best, seconds, run_s):
               f"mean p after phase-1 ({', '.join(names)}) |", "|---|---|---|---|"]
     lines += [f"| {row} | {s['shuffled_lowest_phase1']}/{n} | {s['shuffled_discarded']}/{n} | "
               f"{', '.join(f'{p:.2f}' for p in s['phase1_final_p'])} |" for row, s in selection.items()]
-    if all(s["phase1_reward"] for s in selection.values()):
+    if any(s["phase1_reward"] for s in selection.values()):
         lines += ["", f"| run | phase-1 reward per teacher, mean ± standard error, pooled over seeds "
                   f"({', '.join(names)}) |", "|---|---|"]
-        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward'])} |"
+        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward']) or 'not logged'} |"
                   for row, s in selection.items()]
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
     p.add_argument("--sampler_lr", type=float, default=0.1, help="learning rate of the teacher weights")
+    p.add_argument("--sampler_warmup", type=int, default=0, help="first steps whose rewards only set the baseline")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction of train held out for the reward")
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing one held-out reward batch")
     p.add_argument("--max_seq_len", type=int, default=128)
@@ -324,7 +325,7 @@ def main(args):
     if args.strategy == "ensemble":
         soft, dist["final"] = soft.mean(0, keepdim=True), [1 / len(team)] * len(team)
     elif args.strategy in ("auto", "uniform"):
-        sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed)
+        sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
         if loop.resume:
             sampler.load_state_dict(loop.resume["sampler"])
     if args.strategy == "auto":

@@ -17,15 +17,16 @@ single-weight strategy drops those terms. Dividing by s (our variant, switch it 
 normalize=False) makes lr independent of the reward's units, which shrink as the student learns;
 with momentum m, |A| <= 1 / sqrt(1 - m).
 
+With warmup=W, the first W rewards only set b and s: the student's first steps lower the loss the
+most whichever teacher is drawn, so crediting the teachers drawn then is mostly noise.
+
 Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
 theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in
 proportion to the kept teachers' own weights: p'_k = p_k / sum_{kept} p_j.
 
 Try it:  python sampler.py        (a synthetic team where teacher 2 gives the best reward)
 """
-import json
 import math
-import os
 
 import torch
 
@@ -36,8 +37,8 @@ def check_keep(keep, n):
 
 
 class TeacherSampler:
-    def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0):
-        self.names = list(names)
+    def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0, warmup=0):
+        self.names, self.warmup = list(names), warmup  # the first `warmup` rewards only feed b and s
         self.theta = torch.zeros(len(names), dtype=torch.float64)  # [K] logits of p
         self.active = [True] * len(names)                           # False once discarded
         self.lr, self.momentum, self.normalize = lr, momentum, normalize
@@ -62,8 +63,8 @@ class TeacherSampler:
         self.var = self.momentum * self.var + (1 - self.momentum) * adv * adv
         if self.normalize and self.var > 0:
             adv = adv / math.sqrt(self.var)
-        p_k = float(self.probs()[k])
-        self.theta[k] += self.lr * adv * (1 - p_k)
+        if self.steps >= self.warmup:
+            self.theta[k] += self.lr * adv * (1 - float(self.probs()[k]))
         self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
         self.steps += 1
         self.trace.append(self.probs().tolist())
@@ -82,10 +83,10 @@ class TeacherSampler:
         self.active = [i in kept for i in range(len(self.names))]
         return discarded
 
-    # ------------------------------------------------------------------ plain-data state, as JSON
+    # ------------------------------------------------------------------ plain data (JSON-serializable)
     def state_dict(self):
         return {"names": self.names, "theta": self.theta.tolist(), "active": self.active,
-                "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize,
+                "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize, "warmup": self.warmup,
                 "baseline": self.baseline, "var": self.var, "steps": self.steps,
                 "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist(),
                 "trace": self.trace, "rewards": self.rewards}
@@ -94,24 +95,10 @@ class TeacherSampler:
         self.names, self.active = list(state["names"]), list(state["active"])
         self.theta = torch.tensor(state["theta"], dtype=torch.float64)
         self.lr, self.momentum, self.normalize = state["lr"], state["momentum"], state["normalize"]
+        self.warmup = state.get("warmup", 0)
         self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
-        if "generator" in state:
-            self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        self.trace, self.rewards = list(state.get("trace", [])), list(state.get("rewards", []))
-
-    def save(self, path):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state_dict(), f)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path):
-        with open(path) as f:
-            state = json.load(f)
-        sampler = cls(state["names"])
-        sampler.load_state_dict(state)
-        return sampler
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.trace, self.rewards = list(state["trace"]), list(state["rewards"])
 
 
 if __name__ == "__main__":

@@ -278,14 +278,22 @@ def test_sampler_learns_the_best_teacher_and_selection_keeps_it():
         s.select_teachers(3)
 
 
-def test_sampler_save_load_continues_the_same_draws(tmp_path):
-    s = TeacherSampler(list("abc"), seed=7)
+def test_sampler_warmup_rewards_only_set_the_baseline():
+    s = TeacherSampler(["a", "b"], lr=1.0, momentum=0.5, seed=0, warmup=3)
+    for r in (1.0, 4.0, 2.0):
+        s.update(0, r)
+    assert s.theta.tolist() == [0.0, 0.0] and s.baseline == pytest.approx(0.5 * (0.5 * 1 + 0.5 * 4) + 0.5 * 2)
+    s.update(1, 5.0)
+    assert float(s.theta[1]) > 0 and float(s.theta[0]) == 0.0
+
+
+def test_sampler_state_survives_json_and_continues_the_same_draws():
+    s = TeacherSampler(list("abc"), seed=7, warmup=2)
     for _ in range(5):
         s.update(s.sample(), random.random())
     s.select_teachers(2)
-    path = str(tmp_path / "s.json")
-    s.save(path)
-    t = TeacherSampler.load(path)
+    t = TeacherSampler(["x"])
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert t.probs().tolist() == s.probs().tolist() and t.active == s.active
     assert [t.sample() for _ in range(20)] == [s.sample() for _ in range(20)]
 
