@@ -16,6 +16,12 @@ data (the `--heldout` fraction, never trained on in phases 1-2); the dev set is 
 
 Comparison strategies on the same loop: uniform (SKD: p uniform and frozen), single (one teacher),
 ensemble (the mean of all teachers' soft targets at every step), none (plain fine-tuning).
+
+Data-parallel on N devices (nccl on GPUs, gloo on CPUs), same flags:
+    torchrun --nproc_per_node=N distill.py --task MNLI ...
+Every rank takes its share of each batch and DDP averages the gradients; the teachers' outputs and
+the dev predictions are computed in shares and summed (all_reduce); the reward is reduced before the
+sampler sees it, so every rank draws the same teacher (same seed); only rank 0 writes files.
 """
 import argparse
 import json
@@ -26,6 +32,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer
 
 import glue_data
@@ -75,29 +82,61 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------- the training loop
+def init_distributed():
+    """(rank, world size, device); under torchrun, join the process group first."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
 class Loop:
     """What every phase shares: the task's data, encoded once for the student, and the device."""
 
     def __init__(self, args, data, tokenizer):
         self.args, self.data, self.tokenizer = args, data, tokenizer
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world, self.device = init_distributed()
         self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
         self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N]
         regression = glue_data.get_task(args.task).labels is None
-        self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long)
+        self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long,
+                                   device=self.device)  # [N]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.history, self.dist, self.timings = [], {}, {}   # what metrics/distribution.json report
-        self.resume_path, self.resume = os.path.join(args.out_dir, "resume.pt"), None
+        self.resume_path, self.resume, self.ddp = os.path.join(args.out_dir, "resume.pt"), None, None
 
     def batch(self, idx):
-        pad = self.tokenizer.pad_token_id or 0
-        return {k: v.to(self.device) for k, v in glue_data.collate(self.enc, idx, pad).items()}
+        """The examples idx on the device: tokens {name: [B, L]} and "idx" [B]; on GPU copied from
+        pinned memory without waiting for the GPU (no host sync in the training loop)."""
+        b = glue_data.collate(self.enc, idx, self.tokenizer.pad_token_id or 0) | {"idx": torch.tensor(idx)}
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
+        return b
 
     def new_student(self, base):
         torch.manual_seed(self.args.seed)  # the new head and dropout repeat with the seed
         labels = glue_data.get_task(self.args.task).labels
         student, _ = kd.build_student(base, labels, self.args.student_layers, self.args.task)
+        if self.rank:
+            torch.manual_seed(self.args.seed + 1000 * self.rank)  # each rank its own dropout masks
         return student.to(self.device)
+
+    def wrap(self, student):
+        """The student as the training step calls it: under torchrun, in DDP (which averages gradients)."""
+        if self.world > 1 and (self.ddp is None or self.ddp.module is not student):
+            self.ddp = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+        return self.ddp if self.world > 1 else student
+
+    def reduce_mean(self, value, n):
+        """Mean over all ranks of a per-rank mean of n examples (the value itself in one process)."""
+        if self.world == 1:
+            return value
+        t = torch.stack([value.detach().float() * n, torch.tensor(float(n), device=value.device)])
+        dist.all_reduce(t)
+        return t[0] / t[1]
 
     def optimizer(self, student, epochs, n_train):
         steps = epochs * math.ceil(n_train / self.args.batch_size)
@@ -107,20 +146,34 @@ class Loop:
             opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
         return opt, sched
 
-    def loss(self, student, idx, targets):
-        """KD loss of the examples idx; targets [B, C] soft targets or None."""
+    def loss(self, student, idx, soft_k):
+        """KD loss of the examples idx; soft_k [N, C] one teacher's soft targets on the device, or None."""
+        b = self.batch(idx)
+        i = b.pop("idx")
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = student(**self.batch(idx)).logits.float()
-        return kd.kd_loss(logits, self.labels[idx].to(self.device), targets, self.args.temperature,
-                          self.args.alpha)
+            logits = student(**b).logits.float()  # [B, C]
+        return kd.kd_loss(logits, self.labels[i], soft_k[i] if soft_k is not None else None,
+                          self.args.temperature, self.args.alpha)
 
     @torch.no_grad()
     def probe(self, student, idx):
-        """The reward's measurement: the student's hard-label loss on held-out examples, no dropout."""
+        """The reward's measurement: the student's hard-label loss on held-out examples, no dropout.
+        (One host sync per step in phases 1-2: the next draw needs this number.)"""
         student.eval()
-        loss = float(self.loss(student, idx, None))
+        mine = idx[self.rank::self.world]
+        loss = self.loss(student, mine, None) if mine else torch.zeros((), device=self.device)
+        loss = float(self.reduce_mean(loss, len(mine)))
         student.train()
         return loss
+
+    def finite(self, loss, where):
+        """The loss as a float, or stop before it reaches the weights (averaged over ranks)."""
+        value = float(self.reduce_mean(loss, 1))
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"{where}: the loss is {value}; the usual cause is a learning rate too high for this "
+                f"model (--lr {self.args.lr}), or bf16 overflow on GPU")
+        return value
 
     def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, heldout=None):
         """Train student for epochs over train_idx; soft [K, N, C] team soft targets (None: no KD).
@@ -137,24 +190,26 @@ class Loop:
             self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
             start, skip, step, self.resume = r["epoch"], r["batch"], r["step"], None
         student.train()
+        net, ema = self.wrap(student), None
         probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
         status = {"loss": float("nan")}
         for epoch in range(start, epochs + 1):
-            order_state = self.order.get_state()  # to redraw this epoch's batches on resumption
+            t, order_state = time.time(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
             for i, b in enumerate(glue_data.progress(order[skip:], f"{phase} epoch {epoch}/{epochs}", status), skip):
-                idx = train_idx[b].tolist()
+                if len(b) < self.world:
+                    continue  # a last batch too small to give every rank an example
+                idx = train_idx[b].tolist()[self.rank::self.world]  # this rank's share of the batch
                 if probes and (step % self.args.probe_every == 0 or before is None):
                     probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
                     before = self.probe(student, probe_idx)
                 k = sampler.sample() if sampler else 0
-                targets = soft[k, idx].to(self.device) if soft is not None else None
-                loss = self.loss(student, idx, targets)
-                value = loss.item()
-                if not math.isfinite(value):  # stop before the step spreads it into the weights
-                    raise FloatingPointError(
-                        f"{phase} epoch {epoch} step {step + 1}: the loss is {value}; the usual cause is a "
-                        f"learning rate too high for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
+                loss = self.loss(net, idx, soft[k] if soft is not None else None)
+                ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # NaN stays NaN
+                save = (step + 1) % self.args.save_every == 0
+                # On CPU, read the loss every step; on GPU, every 50 steps and before each checkpoint.
+                if self.device.type == "cpu" or step % 50 == 0 or save or i == len(order) - 1:
+                    status["loss"] = self.finite(ema, f"{phase} epoch {epoch} step {step + 1}")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -163,15 +218,18 @@ class Loop:
                     sampler.update(k, before - after)
                     before = after
                 step += 1
-                status["loss"] = value if step == 1 else 0.98 * status["loss"] + 0.02 * value
-                if step % self.args.save_every == 0:
+                if save:
                     self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler)
             skip = 0
+            T = self.timings  # the time of the training steps alone, for bench.py --speed
+            T[phase + "_steps"], T[phase + "_steps_s"] = step, T.get(phase + "_steps_s", 0) + time.time() - t
             self.evaluate(phase, epoch, student)
             self.checkpoint(phase, epoch + 1, 0, step, self.order.get_state(), student, opt, sched, sampler)
 
     def checkpoint(self, phase, epoch, batch, step, order_state, student, opt, sched, sampler):
-        """Everything --resume needs to go on from the next batch as if never killed."""
+        """Everything --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
+        if self.rank:
+            return
         state = {"phase": phase, "epoch": epoch, "batch": batch, "step": step, "order": order_state,
                  "rng": torch.get_rng_state(), "student": student.state_dict(), "opt": opt.state_dict(),
                  "sched": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
@@ -304,14 +362,15 @@ def main(args):
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
     if args.strategy == "auto":
         check_keep(keep, len(names))  # now, not after the teachers have run
-    try:  # write a probe file: permission bits say nothing to root or on a read-only disk
-        os.makedirs(args.out_dir, exist_ok=True)
-        open(os.path.join(args.out_dir, ".write_test"), "w").close()
-        os.remove(os.path.join(args.out_dir, ".write_test"))
-    except OSError as e:
-        raise ValueError(f"--out_dir {args.out_dir} is not writable ({e.strerror})") from None
     tokenizer = AutoTokenizer.from_pretrained(base)
     loop = Loop(args, data, tokenizer)
+    probe = os.path.join(args.out_dir, f".write_test{loop.rank}")
+    try:  # write a probe file: permission bits say nothing to root or on a read-only disk
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir {args.out_dir} is not writable ({e.strerror})") from None
     if args.resume:
         loop.load_checkpoint()
     team = team_lib.load_team(names, args.task, args.data_dir, data, args.max_seq_len, args.cache_dir,
@@ -319,7 +378,7 @@ def main(args):
     timings, dist = loop.timings, loop.dist
     timings.setdefault("teachers_s", time.time() - t0)
     dist["teachers"] = names
-    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]) if team else None  # [K, N, C]
+    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]).to(loop.device) if team else None  # [K, N, C]
 
     sampler = None
     if args.strategy == "ensemble":
@@ -340,8 +399,10 @@ def main(args):
     student = final(loop, base, soft, sampler)
     timings["final_s"] = time.time() - t
     dev = loop.history[-1]["dev"]
-    save_student(student, tokenizer, args.out_dir)
     timings["total_s"] = time.time() - t0
+    if loop.rank:
+        return  # rank 0 writes
+    save_student(student, tokenizer, args.out_dir)
     save_json({"task": args.task, "strategy": args.strategy, "seed": args.seed, "dev": dev,
                "score": glue_data.score(dev), "history": loop.history, "timings": timings,
                "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(args)},
@@ -355,9 +416,15 @@ def main(args):
 
 if __name__ == "__main__":
     arguments = parse_args()
+    if int(os.environ.get("RANK", 0)):  # under torchrun, rank 0 alone shows progress
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         main(arguments)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input: one sentence, no traceback
+        sys.stderr = sys.__stderr__
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; to go on from the last checkpoint, run the same command with --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -93,15 +94,21 @@ def fingerprint(folder, task_name, data_dir, splits, max_len):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=None):
-    """Model outputs for examples in their original order: [N, C] float32."""
+    """Model outputs for examples in their original order: [N, C] float32.
+
+    Under torch.distributed, each rank runs every world-th batch and the sum over ranks fills in the rest.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     enc = glue_data.encode(tokenizer, examples, max_len)
-    out = torch.empty(len(examples), model.config.num_labels)
-    todo = glue_data.batches(glue_data.lengths(enc), batch_size)  # sorted by length: little padding
+    out = torch.zeros(len(examples), model.config.num_labels, device=device)
+    todo = glue_data.batches(glue_data.lengths(enc), batch_size)[rank::world]  # by length: little padding
     for idx in glue_data.progress(todo, desc) if desc else todo:
         batch = {k: v.to(device) for k, v in glue_data.collate(enc, idx, tokenizer.pad_token_id or 0).items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            out[idx] = model(**batch).logits.float().cpu()
-    return out
+            out[idx] = model(**batch).logits.float()
+    if world > 1:
+        dist.all_reduce(out)  # each row is nonzero on one rank only
+    return out.cpu()
 
 
 def teacher_outputs(folder, name, data, max_len, device):
@@ -132,9 +139,10 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
         outputs = read_cache(path, key, data)
         if outputs is None:
             outputs = teacher_outputs(folder, name, data, max_len, device)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({"key": key, "outputs": outputs}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # a kill leaves the old file or the new one, never half
+            if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 writes
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save({"key": key, "outputs": outputs}, path + ".tmp")
+                os.replace(path + ".tmp", path)  # a kill leaves the old file or the new one, never half
         dev = {s: logits for s, logits in outputs.items() if s != "train"}
         metrics = {s: glue_data.compute_metrics(task_name, dev[s], data[s].labels) for s in dev}
         team.append(Teacher(name, outputs["train"], dev, metrics))

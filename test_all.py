@@ -77,7 +77,7 @@ def write_task(root, task, n_train=64, n_dev=24):
     return folder
 
 
-def make_tiny_bert(folder, layers):
+def make_tiny_bert(folder, layers, dropout=0.1):
     """A tiny random BERT checkpoint folder with its own WordPiece vocabulary."""
     os.makedirs(folder, exist_ok=True)
     vocab = os.path.join(folder, "vocab.txt")
@@ -85,7 +85,8 @@ def make_tiny_bert(folder, layers):
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     BertTokenizer(vocab=vocab).save_pretrained(folder)
     return folder
@@ -522,6 +523,29 @@ def test_resume_refuses_other_flags(workdir, monkeypatch):
     assert os.path.exists(os.path.join(workdir, "runs/flags/resume.pt"))
     with pytest.raises(ValueError, match=r"written with other flags \(--lr\)"):
         run(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
+
+
+def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path):
+    """gloo, 2 ranks: each takes half of every batch; without dropout the gradients are the same sums."""
+    student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
+    # 96 examples, 8 held out: batches of 16 (88 = 5 x 16 + 8) split evenly between the ranks
+    argv = FAST + ["--student", student, "--heldout", "0.0834", "--save_every", "3"]
+    one = run(argv + ["--out_dir", "runs/one-process"], workdir)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "distill.py")] + argv + ["--out_dir", "runs/two-processes"],
+                       cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.load(open(os.path.join(workdir, "runs/two-processes/metrics.json")))
+    assert two["dev"] == one["dev"] and [h["dev"] for h in two["history"]] == [h["dev"] for h in one["history"]]
+    d1, d2 = (json.load(open(os.path.join(workdir, f"runs/{r}/distribution.json"))) for r in ("one-process", "two-processes"))
+    assert d2["discarded"] == d1["discarded"] and [k for k, _ in d2["rewards"]] == [k for k, _ in d1["rewards"]]
+    assert [r for _, r in d2["rewards"]] == pytest.approx([r for _, r in d1["rewards"]], rel=1e-3, abs=1e-6)
+    assert d2["final"] == pytest.approx(d1["final"], abs=1e-4)
+    a = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/one-process")).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/two-processes")).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert not [f for f in os.listdir(os.path.join(workdir, "runs/two-processes")) if f.startswith(".write")]
 
 
 def test_regression_task_end_to_end(tiny_bert, tmp_path):
