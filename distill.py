@@ -17,11 +17,10 @@ data (the `--heldout` fraction, never trained on in phases 1-2); the dev set is 
 Comparison strategies on the same loop: uniform (SKD: p uniform and frozen), single (one teacher),
 ensemble (the mean of all teachers' soft targets at every step), none (plain fine-tuning).
 
-Data-parallel on N devices (nccl on GPUs, gloo on CPUs), same flags:
-    torchrun --nproc_per_node=N distill.py --task MNLI ...
-Every rank takes its share of each batch and DDP averages the gradients; the teachers' outputs and
-the dev predictions are computed in shares and summed (all_reduce); the reward is reduced before the
-sampler sees it, so every rank draws the same teacher (same seed); only rank 0 writes files.
+Data-parallel on N devices (nccl on GPUs, gloo on CPUs):  torchrun --nproc_per_node=N distill.py ...
+Each rank takes a share of every batch and DDP averages the gradients; teacher and dev predictions are
+made in shares and summed (all_reduce); the reward is averaged over ranks before the sampler sees it,
+so every rank draws the same teacher (same seed); rank 0 alone writes files.
 """
 import argparse
 import json
@@ -75,7 +74,7 @@ def parse_args(argv=None):
     for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
                      ("temperature", args.temperature > 0), ("alpha", 0 <= args.alpha <= 1),
                      ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1),
-                     ("save_every", args.save_every >= 1)]:
+                     ("save_every", args.save_every >= 1), ("sampler_warmup", args.sampler_warmup >= 0)]:
         if not ok:
             p.error(f"--{name} {getattr(args, name)} is out of range")
     return args
@@ -105,30 +104,25 @@ class Loop:
         self.labels = torch.tensor(data["train"].labels, dtype=torch.float if regression else torch.long,
                                    device=self.device)  # [N]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
-        self.history, self.dist, self.timings = [], {}, {}   # what metrics/distribution.json report
-        self.resume_path, self.resume, self.ddp = os.path.join(args.out_dir, "resume.pt"), None, None
+        self.history, self.record, self.timings = [], {}, {}   # what metrics/distribution.json report
+        self.resume_path, self.resume = os.path.join(args.out_dir, "resume.pt"), None
 
     def batch(self, idx):
-        """The examples idx on the device: tokens {name: [B, L]} and "idx" [B]; on GPU copied from
-        pinned memory without waiting for the GPU (no host sync in the training loop)."""
+        """Examples idx on the device: {token tensor name: [B, L], "idx": [B]} (GPU: no host sync)."""
         b = glue_data.collate(self.enc, idx, self.tokenizer.pad_token_id or 0) | {"idx": torch.tensor(idx)}
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b
 
     def new_student(self, base):
+        """A fresh student; self.net is what the training step calls (under torchrun, DDP around it)."""
         torch.manual_seed(self.args.seed)  # the new head and dropout repeat with the seed
         labels = glue_data.get_task(self.args.task).labels
-        student, _ = kd.build_student(base, labels, self.args.student_layers, self.args.task)
+        student = kd.build_student(base, labels, self.args.student_layers, self.args.task)[0].to(self.device)
         if self.rank:
             torch.manual_seed(self.args.seed + 1000 * self.rank)  # each rank its own dropout masks
-        return student.to(self.device)
-
-    def wrap(self, student):
-        """The student as the training step calls it: under torchrun, in DDP (which averages gradients)."""
-        if self.world > 1 and (self.ddp is None or self.ddp.module is not student):
-            self.ddp = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
-        return self.ddp if self.world > 1 else student
+        self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False) if self.world > 1 else student
+        return student
 
     def reduce_mean(self, value, n):
         """Mean over all ranks of a per-rank mean of n examples (the value itself in one process)."""
@@ -157,8 +151,7 @@ class Loop:
 
     @torch.no_grad()
     def probe(self, student, idx):
-        """The reward's measurement: the student's hard-label loss on held-out examples, no dropout.
-        (One host sync per step in phases 1-2: the next draw needs this number.)"""
+        """The reward's measurement: hard-label loss on held-out examples, no dropout (a host sync)."""
         student.eval()
         mine = idx[self.rank::self.world]
         loss = self.loss(student, mine, None) if mine else torch.zeros((), device=self.device)
@@ -190,9 +183,8 @@ class Loop:
             self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
             start, skip, step, self.resume = r["epoch"], r["batch"], r["step"], None
         student.train()
-        net, ema = self.wrap(student), None
         probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
-        status = {"loss": float("nan")}
+        status, ema = {"loss": float("nan")}, None
         for epoch in range(start, epochs + 1):
             t, order_state = time.time(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
@@ -204,7 +196,7 @@ class Loop:
                     probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
                     before = self.probe(student, probe_idx)
                 k = sampler.sample() if sampler else 0
-                loss = self.loss(net, idx, soft[k] if soft is not None else None)
+                loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
                 ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # NaN stays NaN
                 save = (step + 1) % self.args.save_every == 0
                 # On CPU, read the loss every step; on GPU, every 50 steps and before each checkpoint.
@@ -233,7 +225,7 @@ class Loop:
         state = {"phase": phase, "epoch": epoch, "batch": batch, "step": step, "order": order_state,
                  "rng": torch.get_rng_state(), "student": student.state_dict(), "opt": opt.state_dict(),
                  "sched": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
-                 "history": self.history, "dist": self.dist, "timings": self.timings, "args": vars(self.args)}
+                 "history": self.history, "dist": self.record, "timings": self.timings, "args": vars(self.args)}
         torch.save(state, self.resume_path + ".tmp")
         os.replace(self.resume_path + ".tmp", self.resume_path)
 
@@ -247,7 +239,7 @@ class Loop:
         if other:
             raise ValueError(f"{self.resume_path} was written with other flags (--{', --'.join(other)}): "
                              f"rerun with the same flags, or without --resume")
-        self.resume, self.history, self.dist, self.timings = r, r["history"], r["dist"], r["timings"]
+        self.resume, self.history, self.record, self.timings = r, r["history"], r["dist"], r["timings"]
         print(f"resuming {r['phase']} at epoch {r['epoch']}, batch {r['batch']}")
 
     def evaluate(self, phase, epoch, student):
@@ -260,14 +252,12 @@ class Loop:
         self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
         print(f"{phase} epoch {epoch}: " + ", ".join(
             f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()))
-        return dev
 
 
 # ------------------------------------------------------------------------------- AutoSKD's phases
 def phase1(loop, base, soft, sampler, train_idx, heldout):
     """Phase-1 optimization: learn p over the whole team while a student trains with it."""
-    a = loop.args
-    student = loop.new_student(base)
+    student, a = loop.new_student(base), loop.args
     opt, sched = loop.optimizer(student, a.phase1_epochs + a.phase2_epochs, len(train_idx))
     loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, heldout)
     return student, opt, sched
@@ -291,21 +281,21 @@ def final(loop, base, soft, sampler):
 
 
 def learn_distribution(loop, base, soft, sampler, keep):
-    """AutoSKD before the final student: phase-1, teacher selection, phase-2; recorded in loop.dist."""
+    """AutoSKD before the final student: phase-1, teacher selection, phase-2; recorded in loop.record."""
     split = torch.randperm(len(loop.labels), generator=torch.Generator().manual_seed(loop.args.seed))
     n_held = max(1, int(loop.args.heldout * len(split)))
     heldout, train_idx = split[:n_held], split[n_held:]  # the reward's examples, never trained on here
-    dist, t = loop.dist, time.time()
+    record, t = loop.record, time.time()
     student, opt, sched = phase1(loop, base, soft, sampler, train_idx, heldout)
-    if "discarded" not in dist:  # (a resumed run may have selected already)
-        dist["phase1"], loop.timings["phase1_s"] = list(sampler.trace), time.time() - t
-        dist["discarded"] = sampler.select_teachers(keep)
+    if "discarded" not in record:  # (a resumed run may have selected already)
+        record["phase1"], loop.timings["phase1_s"] = list(sampler.trace), time.time() - t
+        record["discarded"] = sampler.select_teachers(keep)
         print(f"teacher selection: kept {[n for n, a in zip(sampler.names, sampler.active) if a]}, "
-              f"discarded {dist['discarded']}")
+              f"discarded {record['discarded']}")
     t = time.time()
     phase2(loop, student, opt, sched, soft, sampler, train_idx, heldout)
-    dist["phase2"], loop.timings["phase2_s"] = sampler.trace[len(dist["phase1"]):], time.time() - t
-    dist["rewards"] = sampler.rewards  # [teacher index, reward] of every step of phase-1, then phase-2
+    record["phase2"], loop.timings["phase2_s"] = sampler.trace[len(record["phase1"]):], time.time() - t
+    record["rewards"] = sampler.rewards  # [teacher index, reward] of every step of phase-1, then phase-2
 
 
 # ------------------------------------------------------------------------------- the command
@@ -313,8 +303,7 @@ def resolve_team(args):
     """Teacher checkpoints to use (empty for --strategy none) and the student checkpoint."""
     if args.strategy == "none":
         if not args.student:
-            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
-                             "(hub name or folder)")
+            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint (hub name or folder)")
         return [], args.student
     default_dir = os.path.join("teachers", args.task)
     names = args.teachers or team_lib.find_teachers(default_dir)
@@ -323,8 +312,7 @@ def resolve_team(args):
                          f"{args.task} --strategy none --student <name or folder> --out_dir "
                          f"{default_dir}/<name>`, or pass --teachers DIR [DIR ...]")
     if args.strategy == "single" and len(names) != 1:
-        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
-                         f"name one with --teachers DIR")
+        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: name one with --teachers DIR")
     student = args.student
     if not student:
         bases = [getattr(AutoConfig.from_pretrained(team_lib.local_folder(n)), "base_model", None)
@@ -375,14 +363,14 @@ def main(args):
         loop.load_checkpoint()
     team = team_lib.load_team(names, args.task, args.data_dir, data, args.max_seq_len, args.cache_dir,
                               loop.device) if names else []
-    timings, dist = loop.timings, loop.dist
+    timings, record = loop.timings, loop.record
     timings.setdefault("teachers_s", time.time() - t0)
-    dist["teachers"] = names
+    record["teachers"] = names
     soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]).to(loop.device) if team else None  # [K, N, C]
 
     sampler = None
     if args.strategy == "ensemble":
-        soft, dist["final"] = soft.mean(0, keepdim=True), [1 / len(team)] * len(team)
+        soft, record["final"] = soft.mean(0, keepdim=True), [1 / len(team)] * len(team)
     elif args.strategy in ("auto", "uniform"):
         sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
         if loop.resume:
@@ -390,10 +378,10 @@ def main(args):
     if args.strategy == "auto":
         learn_distribution(loop, base, soft, sampler, keep)
     if sampler:
-        dist["final"] = sampler.probs().tolist()
-        print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, dist["final"])))
+        record["final"] = sampler.probs().tolist()
+        print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, record["final"])))
     elif args.strategy == "single":
-        dist["final"] = [1.0]
+        record["final"] = [1.0]
 
     t = time.time()
     student = final(loop, base, soft, sampler)
@@ -408,7 +396,7 @@ def main(args):
                "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(args)},
               os.path.join(args.out_dir, "metrics.json"))
     if names:
-        save_json(dist, os.path.join(args.out_dir, "distribution.json"))
+        save_json(record, os.path.join(args.out_dir, "distribution.json"))
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
     print(f"done in {timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {args.out_dir}")

@@ -4,8 +4,6 @@ The paper evaluates on the GLUE benchmark (Wang et al., 2019); this module is ev
 needs to know about it. It expects the standard layout written by the usual download script:
 
     <data_dir>/<TASK>/train.tsv, dev.tsv            (MNLI: dev_matched.tsv and dev_mismatched.tsv)
-
-Try it:  python glue_data.py glue_data RTE     (prints sizes, label balance and a sample row)
 """
 import math
 import os
@@ -215,16 +213,10 @@ def pearson(x, y):
 
 def ranks(x):
     """1-based ranks, ties sharing the mean of their positions."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    r, i = [0.0] * len(x), 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
+    positions = {}
+    for r, v in enumerate(sorted(x), 1):
+        positions.setdefault(v, []).append(r)
+    return [sum(positions[v]) / len(positions[v]) for v in x]
 
 
 def spearman(x, y):
@@ -246,11 +238,3 @@ def score(dev_metrics):
     values = [v for split in dev_metrics.values() for v in split.values()]
     return sum(values) / len(values)
 
-
-if __name__ == "__main__":
-    data_dir, name = sys.argv[1], sys.argv[2]
-    for split, ex in load_task(data_dir, name).items():
-        names = get_task(name).labels
-        counts = {l: ex.labels.count(i) for i, l in enumerate(names)} if names else "regression"
-        print(f"{split}: {len(ex)} examples, labels {counts}")
-        print("  ", ex.text_a[0], "|", ex.text_b[0] if ex.text_b else "", "->", ex.labels[0])

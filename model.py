@@ -11,11 +11,8 @@ with the hard labels (Hinton et al.'s KD loss). Here:
     loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)
               where x_T = softmax(logits / T); the T^2 keeps the soft gradients' scale independent of T.
               STS-B (regression, one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
-
-Try it:  python model.py bert-base-uncased 2    (builds a 2-layer student, prints its size)
 """
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +78,3 @@ def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
         soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
     return (1 - alpha) * hard + alpha * soft
 
-
-if __name__ == "__main__":
-    model, _ = build_student(sys.argv[1], ["0", "1"], int(sys.argv[2]))
-    print(model.config.model_type, model.config.num_hidden_layers, "layers,",
-          sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")

@@ -23,8 +23,6 @@ most whichever teacher is drawn, so crediting the teachers drawn then is mostly 
 Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
 theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in
 proportion to the kept teachers' own weights: p'_k = p_k / sum_{kept} p_j.
-
-Try it:  python sampler.py        (a synthetic team where teacher 2 gives the best reward)
 """
 import math
 
@@ -100,15 +98,3 @@ class TeacherSampler:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.trace, self.rewards = list(state["trace"]), list(state["rewards"])
 
-
-if __name__ == "__main__":
-    # Five teachers; a step with teacher k earns a noisy reward whose mean grows with k == 2.
-    sampler, noise = TeacherSampler([f"t{i}" for i in range(5)], lr=0.2), torch.Generator().manual_seed(1)
-    quality = torch.tensor([0.0, 0.2, 1.0, 0.1, -0.5])
-    for step in range(600):
-        k = sampler.sample()
-        sampler.update(k, float(quality[k] + torch.randn(1, generator=noise)))
-        if step == 299:
-            print("phase-1:", [round(x, 3) for x in sampler.probs().tolist()])
-            print("discarded:", sampler.select_teachers(keep=2))
-    print("phase-2:", [round(x, 3) for x in sampler.probs().tolist()])

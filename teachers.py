@@ -9,13 +9,10 @@ loads), so it reads the raw text through its own tokenizer.
 
 The cache key hashes the checkpoint's files, the task's data files, the max length and the task, so
 a changed checkpoint, data file or length never reuses a stale cache.
-
-Try it:  python teachers.py RTE glue_data teachers/RTE/*     (prints each teacher's dev score)
 """
 import gc
 import hashlib
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -118,9 +115,7 @@ def teacher_outputs(folder, name, data, max_len, device):
     outputs = {s: predict(model, tokenizer, ex, max_len, device, desc=f"teacher {name} {s}")
                for s, ex in data.items()}
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    gc.collect()  # one teacher in memory at a time (on GPU its freed blocks serve the next teacher)
     return outputs
 
 
@@ -165,8 +160,3 @@ def read_cache(path, key, data):
         return None
     return saved["outputs"]
 
-
-if __name__ == "__main__":
-    task, data_dir = sys.argv[1], sys.argv[2]
-    load_team(sys.argv[3:], task, data_dir, glue_data.load_task(data_dir, task), 128, "cache",
-              torch.device("cuda" if torch.cuda.is_available() else "cpu"))
