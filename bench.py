@@ -10,6 +10,12 @@
 3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the table) and
    results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
 matplotlib is needed for the picture only (pip install matplotlib).
+
+    python bench.py --speed --task MRPC --base_model <hub name or folder>
+
+measures instead what distillation costs next to plain fine-tuning of the same student on the same
+batches (step times, whole runs, peak memory with 2 and 8 teachers, the cache fill) and writes
+results/speed-<device>.json and .md. Every run is a fresh process with one CPU thread (or one GPU).
 """
 import argparse
 import contextlib
@@ -17,16 +23,21 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import random
+import resource
 import shlex
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from transformers import AutoTokenizer
 
 import distill
 import glue_data
+import model as kd
 import teachers as team_lib
 
 STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
@@ -53,6 +64,7 @@ def parse_args(argv=None):
                    help='an extra auto row with other distill.py flags, e.g. --variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
+    p.add_argument("--speed", action="store_true", help="measure speed and memory instead (see above)")
     return p.parse_args(argv)
 
 
@@ -118,6 +130,8 @@ def run_all(jobs, argvs, t0):
 
 def main(argv=None):
     a, t0 = parse_args(argv), time.time()
+    if a.speed:
+        return speed(a)
     work = os.path.join(a.out, a.task)
     data_dir = a.data_dir
     if a.train_limit:
@@ -248,6 +262,108 @@ def plot(dists, path, task):
     axes[0][-1].legend(fontsize=8)
     fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
     os.replace(path + ".tmp.png", path)
+
+
+# ------------------------------------------------------------------------------- --speed
+def measured(argv):
+    """distill.main afresh in this process (one thread): (metrics.json, peak memory in MiB)."""
+    torch.set_num_threads(1)
+    shutil.rmtree(distill.parse_args(argv).out_dir, ignore_errors=True)
+    metrics = run(argv)
+    if torch.cuda.is_available():
+        return metrics, torch.cuda.max_memory_allocated() / 2 ** 20
+    return metrics, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def in_fresh_process(argv):
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        return pool.submit(measured, argv).result()
+
+
+def padding(lengths, batch_size, generator=None):
+    """Padded tokens / real tokens of glue_data.batches over these lengths."""
+    lengths = torch.as_tensor(lengths)
+    order = glue_data.batches(lengths, batch_size, generator, group=1)  # group=1: no sorting by length
+    return sum(len(b) * int(lengths[b].max()) for b in order) / int(lengths.sum())
+
+
+def speed(a):
+    """Step times, whole runs and memory of every kind of run, side by side on one machine."""
+    work, t0 = os.path.join(a.out, "speed"), time.time()
+    data_dir = os.path.join(work, "data")
+    rewrite_train(a.data_dir, data_dir, a.task, a.train_limit or 2000, False, 0)
+    data, labels = glue_data.load_task(data_dir, a.task), glue_data.get_task(a.task).labels
+    # 8 teachers of 4 sizes. Their quality does not matter here, so they are not fine-tuned.
+    have = kd.layers_to_keep(a.base_model)
+    dirs = [os.path.join(work, "teachers", f"T{i}") for i in range(8)]
+    for i, d in enumerate(dirs):
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            torch.manual_seed(i)
+            model, tok = kd.build_student(a.base_model, labels, min(have, [6, 4, 3, 2][i % 4]), a.task)
+            model.save_pretrained(d), tok.save_pretrained(d)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(1)
+    shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
+    t = time.time()
+    team_lib.load_team(dirs, a.task, data_dir, data, a.max_seq_len, os.path.join(work, "cache"), device)
+    fill_s = time.time() - t
+    enc_len = glue_data.lengths(glue_data.encode(AutoTokenizer.from_pretrained(dirs[0]), data["train"], a.max_seq_len))
+
+    common = ["--task", a.task, "--data_dir", data_dir, "--student", a.base_model, "--student_layers",
+              str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--cache_dir",
+              os.path.join(work, "cache"), "--seed", "0"]
+    runs = {  # name: argv; plain fine-tuning twice, first and last, to see the machine's drift
+        "fine-tune": ["--strategy", "none"], "single": ["--strategy", "single", "--teachers", dirs[0]],
+        "uniform, 2 teachers": ["--strategy", "uniform", "--teachers"] + dirs[:2],
+        "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
+        "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs, "fine-tune again": ["--strategy", "none"]}
+    out = {}
+    for name, extra in runs.items():
+        argv = common + extra + ["--out_dir", os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))]
+        m, peak = in_fresh_process(argv)
+        T = m["timings"]
+        out[name] = {"peak_mib": peak, "run_s": T["total_s"] - T["teachers_s"],
+                     **{f"{p}_step_s": T[f"{p}_steps_s"] / T[f"{p}_steps"] for p in distill.PHASES if f"{p}_steps" in T}}
+        print(f"[{(time.time() - t0) / 60:.0f} min] {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in out[name].items()), flush=True)
+
+    ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
+    ft_run = statistics.mean(out[n]["run_s"] for n in ("fine-tune", "fine-tune again"))
+    auto = out["auto, 8 teachers"]
+    ratios = {  # (measured, target)
+        "final distillation step / fine-tuning step (single)": (out["single"]["final_step_s"] / ft, 1.05),
+        "final distillation step / fine-tuning step (uniform, 8)": (out["uniform, 8 teachers"]["final_step_s"] / ft, 1.05),
+        "phase-1 step (with reward) / fine-tuning step": (auto["phase1_step_s"] / ft, 1.5),
+        "phase-2 step (with reward) / fine-tuning step": (auto["phase2_step_s"] / ft, 1.5),
+        "whole auto run / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
+        "peak memory, 8 teachers / 2 teachers": (out["uniform, 8 teachers"]["peak_mib"] / out["uniform, 2 teachers"]["peak_mib"], 1.1)}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
+    result = {"device": name, "platform": platform.platform(), "torch": torch.__version__, "task": a.task,
+              "train_examples": len(data["train"]), "epochs": a.epochs, "student_layers": a.student_layers,
+              "runs": out, "ratios": {k: v[0] for k, v in ratios.items()}, "fine_tune_step_s": ft,
+              "cache_fill_s": fill_s, "cache_fill_examples": 8 * sum(len(ex) for ex in data.values()),
+              "padding_sorted": padding(enc_len, 64), "padding_unsorted": padding(enc_len, 64, torch.Generator().manual_seed(0))}
+    lines = [f"Measured on {name} ({result['platform']}, torch {torch.__version__}); {a.task}, "
+             f"{result['train_examples']} training examples, {a.student_layers}-layer student of {a.base_model}, "
+             f"{a.epochs} epochs, batch 32.", "", "| ratio | measured | target |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f}x | <= {target}x |" for k, (v, target) in ratios.items()]
+    lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | " + ", ".join(
+        f"{1000 * r[p + '_step_s']:.1f}" if p + "_step_s" in r else "-" for p in distill.PHASES) + " |" for n, r in out.items()]
+    lines += ["", f"Cache fill: 8 teachers over train and dev once, {result['cache_fill_examples']} examples in "
+              f"{fill_s:.1f} s ({result['cache_fill_examples'] / fill_s:.0f} examples/s), in inference mode, batches "
+              f"of 64 sorted by length: {100 * (result['padding_sorted'] - 1):.1f}% padding tokens, against "
+              f"{100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    distill.save_json(result, os.path.join(a.out, f"speed-{tag}.json"))
+    with open(os.path.join(a.out, f"speed-{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
+
+
+def cpu_name():
+    with open("/proc/cpuinfo") as f:
+        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
 
 
 if __name__ == "__main__":

@@ -647,3 +647,17 @@ def test_bench_resumes_a_killed_run(workdir, monkeypatch):
     monkeypatch.setattr(kd, "kd_loss", real)
     assert bench.run(argv)["strategy"] == "ensemble"
     assert "resuming final at epoch 1, batch 2" in open(os.path.join(workdir, "runs/bench-kill/run.log")).read()
+
+
+def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "in_fresh_process", bench.measured)  # (spawning 6 processes is slow here)
+    write_task(str(tmp_path / "glue"), "MRPC", n_train=64, n_dev=16)
+    out = str(tmp_path / "results")
+    bench.main(["--speed", "--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
+                "--student_layers", "1", "--epochs", "1", "--train_limit", "48", "--out", out])
+    result = json.load(open(os.path.join(out, "speed-cpu.json")))
+    assert len(result["ratios"]) == 6 and all(v > 0 for v in result["ratios"].values())
+    assert result["train_examples"] == 48 and result["padding_sorted"] <= result["padding_unsorted"]
+    assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
+    assert "| whole auto run / whole fine-tuning run |" in open(os.path.join(out, "speed-cpu.md")).read()
