@@ -98,6 +98,7 @@ class Loop:
     def __init__(self, args, data, tokenizer):
         self.args, self.data, self.tokenizer = args, data, tokenizer
         self.rank, self.world, self.device = init_distributed()
+        self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter  # (CPU: steal-proof)
         self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
         self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N]
         regression = glue_data.get_task(args.task).labels is None
@@ -163,9 +164,8 @@ class Loop:
         """The loss as a float, or stop before it reaches the weights (averaged over ranks)."""
         value = float(self.reduce_mean(loss, 1))
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"{where}: the loss is {value}; the usual cause is a learning rate too high for this "
-                f"model (--lr {self.args.lr}), or bf16 overflow on GPU")
+            raise FloatingPointError(f"{where}: the loss is {value}; the usual cause is a learning rate too high "
+                                     f"for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
         return value
 
     def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, heldout=None):
@@ -186,7 +186,7 @@ class Loop:
         probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
         status, ema = {"loss": float("nan")}, None
         for epoch in range(start, epochs + 1):
-            t, order_state = time.time(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
+            t, order_state = self.clock(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
             for i, b in enumerate(glue_data.progress(order[skip:], f"{phase} epoch {epoch}/{epochs}", status), skip):
                 if len(b) < self.world:
@@ -213,8 +213,8 @@ class Loop:
                 if save:
                     self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler)
             skip = 0
-            T = self.timings  # the time of the training steps alone, for bench.py --speed
-            T[phase + "_steps"], T[phase + "_steps_s"] = step, T.get(phase + "_steps_s", 0) + time.time() - t
+            T = self.timings  # the training steps alone, for bench.py --speed (on CPU: process CPU time)
+            T[phase + "_steps"], T[phase + "_steps_s"] = step, T.get(phase + "_steps_s", 0) + self.clock() - t
             self.evaluate(phase, epoch, student)
             self.checkpoint(phase, epoch + 1, 0, step, self.order.get_state(), student, opt, sched, sampler)
 
