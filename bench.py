@@ -88,10 +88,14 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
                 labels = [c[col] for c in cells]
                 rng.shuffle(labels)
                 rows = ["\t".join(c[:col] + [l] + c[col + 1:]) for c, l in zip(cells, labels)]
-        tmp = os.path.join(dst_dir, task, split + ".tsv")
-        with open(tmp + ".tmp", "w", encoding="utf-8", newline="") as f:
-            f.write("".join(l + "\n" for l in head + rows))
-        os.replace(tmp + ".tmp", tmp)
+        write_text(os.path.join(dst_dir, task, split + ".tsv"), "".join(l + "\n" for l in head + rows))
+
+
+def write_text(path, text):
+    """Write text under a temporary name, then rename: a kill leaves the old file or the new one."""
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def run(argv):
@@ -228,9 +232,7 @@ def report(a, work, runs, autos, scores, best, seconds, run_s):
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
-    with open(os.path.join(a.out, f"{a.task}.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(a.out, f"{a.task}.md.tmp"), os.path.join(a.out, f"{a.task}.md"))
+    write_text(os.path.join(a.out, f"{a.task}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(selection["auto"]["dists"], os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
 
@@ -360,8 +362,7 @@ def speed(a):
               f"{100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
     tag = "gpu" if device.type == "cuda" else "cpu"
     distill.save_json(result, os.path.join(a.out, f"speed-{tag}.json"))
-    with open(os.path.join(a.out, f"speed-{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(a.out, f"speed-{tag}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
 
