@@ -202,7 +202,7 @@ def report(a, work, runs, autos, scores, best, seconds, run_s):
             "shuffled_lowest_phase1": sum(min(p, key=p.get) == shuffled for p in p1.values()),
             "shuffled_discarded": sum(shuffled in map(os.path.basename, d["discarded"]) for d in dists.values()),
             "phase1_final_p": [statistics.mean(p[n] for p in p1.values()) for n in names],
-            "phase1_reward": reward_stats(dists, at, names), "dists": dists}
+            "phase1_reward": reward_stats(dists, at, names), "teacher_share": teacher_share(dists), "dists": dists}
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
               "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
@@ -226,9 +226,10 @@ def report(a, work, runs, autos, scores, best, seconds, run_s):
               f"{', '.join(f'{p:.2f}' for p in s['phase1_final_p'])} |" for row, s in selection.items()]
     if any(s["phase1_reward"] for s in selection.values()):
         lines += ["", f"| run | phase-1 reward per teacher, mean ± standard error, pooled over seeds "
-                  f"({', '.join(names)}) |", "|---|---|"]
-        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward']) or 'not logged'} |"
-                  for row, s in selection.items()]
+                  f"({', '.join(names)}) | reward variance the teacher drawn explains, mean over seeds |", "|---|---|---|"]
+        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward']) or 'not logged'} | "
+                  + (f"{100 * s['teacher_share'][0]:.1f}% (chance {100 * s['teacher_share'][1]:.1f}%) |"
+                     if s["teacher_share"] else "not logged |") for row, s in selection.items()]
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
@@ -247,6 +248,26 @@ def reward_stats(dists, at, names):
         mean = statistics.mean(r) if r else float("nan")
         stats.append((mean, statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")))
     return stats
+
+
+def teacher_share(dists):
+    """How much of the phase-1 reward the teacher drawn explains: per seed, the between-teacher sum of
+    squares over the total (eta squared), and what chance alone gives with no teacher effect, (K-1)/(n-1)
+    for K teachers and n rewards. Means over seeds; None if rewards were not logged."""
+    if not all("rewards" in d for d in dists.values()):
+        return None
+    shares, chance = [], []
+    for d in dists.values():
+        drawn = d["rewards"][:len(d["phase1"])]
+        mean = statistics.mean(r for _, r in drawn)
+        total = sum((r - mean) ** 2 for _, r in drawn)
+        groups = {}
+        for k, r in drawn:
+            groups.setdefault(k, []).append(r)
+        between = sum(len(g) * (statistics.mean(g) - mean) ** 2 for g in groups.values())
+        shares.append(between / total if total > 0 else 0.0)
+        chance.append((len(d["teachers"]) - 1) / (len(drawn) - 1))
+    return statistics.mean(shares), statistics.mean(chance)
 
 
 def plot(dists, path, task):

@@ -606,6 +606,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
     assert set(result["selection"]) == {"auto", "auto (slr1)"}
     assert len(result["selection"]["auto"]["phase1_reward"]) == 5
+    assert 0 <= result["selection"]["auto"]["teacher_share"][0] <= 1
     # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
     argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
             "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
@@ -627,6 +628,22 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+
+
+def test_bench_teacher_share_of_reward_variance():
+    import bench
+    rng = np.random.default_rng(0)
+    drawn = rng.integers(0, 3, 60)
+    rewards = rng.normal(size=60) + 0.5 * drawn
+    d = {"teachers": ["a", "b", "c"], "phase1": [None] * 50,
+         "rewards": [[int(k), float(r)] for k, r in zip(drawn, rewards)]}  # the last 10 are phase-2
+    k, r = drawn[:50], rewards[:50]
+    within = sum(((r[k == j] - r[k == j].mean()) ** 2).sum() for j in range(3))
+    share, chance = bench.teacher_share({0: d})
+    assert share == pytest.approx(1 - within / ((r - r.mean()) ** 2).sum()) and chance == pytest.approx(2 / 49)
+    d["rewards"] = [[j % 2, 1.0 if j % 2 else -1.0] for j in range(50)]  # the teacher decides the reward
+    assert bench.teacher_share({0: d})[0] == pytest.approx(1.0)
+    assert bench.teacher_share({0: {"teachers": [], "phase1": []}}) is None
 
 
 def test_bench_resumes_a_killed_run(workdir, monkeypatch):
