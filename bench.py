@@ -43,6 +43,7 @@ import model as kd
 import teachers as team_lib
 
 STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # teachers' cache fill, --speed
 # name: (layers, seed, shuffled labels): capacities differ; the last one is ineffective on purpose.
 # Listed longest first, so that with --jobs the last runs are short ones.
 TEAM = {"L6-s1": (6, 1, False), "L6-s2": (6, 2, False), "L6-shuffled": (6, 5, True), "L4": (4, 3, False),
@@ -163,7 +164,7 @@ def main(argv=None):
     # 2. every strategy and seed, same student and budget
     # The teachers' outputs are cached once, here, so that parallel runs only read the cache.
     team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
-                       os.path.join(work, "cache"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                       os.path.join(work, "cache"), DEVICE)
     rows = {s: (s, s, []) for s in STRATEGIES}  # row: (strategy, out_dir prefix, extra flags)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
@@ -297,7 +298,7 @@ def measured(argv):
     cpu = time.process_time()
     metrics = run(argv)
     metrics["timings"]["cpu_s"] = time.process_time() - cpu  # the whole run, in CPU time
-    if torch.cuda.is_available():
+    if DEVICE.type == "cuda":
         return metrics, torch.cuda.max_memory_allocated() / 2 ** 20
     return metrics, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -328,11 +329,10 @@ def speed(a):
             torch.manual_seed(i)
             model, tok = kd.build_student(a.base_model, labels, min(have, [6, 4, 3, 2][i % 4]), a.task)
             model.save_pretrained(d), tok.save_pretrained(d)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(1)
     shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
     t = time.time()
-    team_lib.load_team(dirs, a.task, data_dir, data, a.max_seq_len, os.path.join(work, "cache"), device)
+    team_lib.load_team(dirs, a.task, data_dir, data, a.max_seq_len, os.path.join(work, "cache"), DEVICE)
     fill_s = time.time() - t
     enc_len = glue_data.lengths(glue_data.encode(AutoTokenizer.from_pretrained(dirs[0]), data["train"], a.max_seq_len))
 
@@ -349,7 +349,7 @@ def speed(a):
         argv = common + extra + ["--out_dir", os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))]
         m, peak = in_fresh_process(argv)
         T = m["timings"]
-        out[name] = {"peak_mib": peak, "run_s": T["cpu_s"] if device.type == "cpu" else T["total_s"] - T["teachers_s"],
+        out[name] = {"peak_mib": peak, "run_s": T["cpu_s"] if DEVICE.type == "cpu" else T["total_s"] - T["teachers_s"],
                      **{f"{p}_step_s": T[f"{p}_steps_s"] / T[f"{p}_steps"] for p in distill.PHASES if f"{p}_steps" in T}}
         print(f"[{(time.time() - t0) / 60:.0f} min] {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in out[name].items()), flush=True)
 
@@ -363,7 +363,7 @@ def speed(a):
         "phase-2 step (with reward) / fine-tuning step": (auto["phase2_step_s"] / ft, 1.5),
         "whole auto run / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
         "peak memory, 8 teachers / 2 teachers": (out["uniform, 8 teachers"]["peak_mib"] / out["uniform, 2 teachers"]["peak_mib"], 1.1)}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
     result = {"device": name, "platform": platform.platform(), "torch": torch.__version__, "task": a.task,
               "train_examples": len(data["train"]), "epochs": a.epochs, "student_layers": a.student_layers,
               "runs": out, "ratios": {k: v[0] for k, v in ratios.items()}, "fine_tune_step_s": ft,
@@ -371,7 +371,7 @@ def speed(a):
               "padding_sorted": padding(enc_len, 64), "padding_unsorted": padding(enc_len, 64, torch.Generator().manual_seed(0))}
     lines = [f"Measured on {name} ({result['platform']}, torch {torch.__version__}); {a.task}, "
              f"{result['train_examples']} training examples, {a.student_layers}-layer student of {a.base_model}, "
-             f"{a.epochs} epochs, batch 32; times are " + ("the process's CPU time." if device.type == "cpu" else "wall time."),
+             f"{a.epochs} epochs, batch 32; times are " + ("the process's CPU time." if DEVICE.type == "cpu" else "wall time."),
              "", "| ratio | measured | target |", "|---|---|---|"]
     lines += [f"| {k} | {v:.2f}x | <= {target}x |" for k, (v, target) in ratios.items()]
     lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final |", "|---|---|---|---|"]
@@ -381,7 +381,7 @@ def speed(a):
               f"{fill_s:.1f} s ({result['cache_fill_examples'] / fill_s:.0f} examples/s), in inference mode, batches "
               f"of 64 sorted by length: {100 * (result['padding_sorted'] - 1):.1f}% padding tokens, against "
               f"{100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
-    tag = "gpu" if device.type == "cuda" else "cpu"
+    tag = "gpu" if DEVICE.type == "cuda" else "cpu"
     distill.save_json(result, os.path.join(a.out, f"speed-{tag}.json"))
     write_text(os.path.join(a.out, f"speed-{tag}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
