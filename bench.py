@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import distill
 import glue_data
@@ -44,10 +44,14 @@ import teachers as team_lib
 
 STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # teachers' cache fill, --speed
-# name: (layers, seed, shuffled labels): capacities differ; the last one is ineffective on purpose.
+# name: (layers, seed, what it learns from). Capacities differ, and two teachers are bad on purpose:
+#   "shuffled"  trained on train with its labels permuted: no signal, it predicts the majority class;
+#   "contra"    not trained: L6-s1 with its output rows rolled by one class, so that it contradicts
+#               every prediction L6-s1 makes (distilled alone, it teaches the student the wrong answers).
 # Listed longest first, so that with --jobs the last runs are short ones.
-TEAM = {"L6-s1": (6, 1, False), "L6-s2": (6, 2, False), "L6-shuffled": (6, 5, True), "L4": (4, 3, False),
-        "L3": (3, 4, False)}
+TEAM = {"L6-s1": (6, 1, "labels"), "L6-s2": (6, 2, "labels"), "L6-shuffled": (6, 5, "shuffled"),
+        "L6-contra": (6, 1, "contra"), "L4": (4, 3, "labels"), "L3": (3, 4, "labels")}
+HARMFUL, INEFFECTIVE = "contra", "shuffled"
 
 
 def parse_args(argv=None):
@@ -139,32 +143,11 @@ def main(argv=None):
     a, t0 = parse_args(argv), time.time()
     if a.speed:
         return speed(a)
-    work = os.path.join(a.out, a.task)
-    data_dir = a.data_dir
-    if a.train_limit:
-        data_dir = os.path.join(work, "data")
-        rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
+    work, data_dir, dirs, team, scores = make_team(a, t0)
+    best = max((n for n in TEAM if TEAM[n][2] == "labels"), key=lambda n: scores[n])
     common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache")]
 
-    # 1. the team
-    argvs = {}
-    for name, (layers, seed, shuffled) in TEAM.items():
-        teacher_data = data_dir
-        if shuffled:
-            teacher_data = os.path.join(work, "shuffled")
-            rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
-        argvs[name] = common + ["--strategy", "none", "--data_dir", teacher_data, "--student", a.base_model,
-                                "--student_layers", str(layers), "--epochs", str(a.teacher_epochs), "--lr", str(a.teacher_lr),
-                                "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)]
-    team = run_all(a.jobs, argvs, t0)
-    dirs = [os.path.join(work, "teachers", n) for n in TEAM]
-    scores = {n: glue_data.score(m["dev"]) for n, m in team.items()}  # the shuffled teacher is on real dev
-    best = max((n for n in TEAM if not TEAM[n][2]), key=lambda n: scores[n])
-
     # 2. every strategy and seed, same student and budget
-    # The teachers' outputs are cached once, here, so that parallel runs only read the cache.
-    team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
-                       os.path.join(work, "cache"), DEVICE)
     rows = {s: (s, s, []) for s in STRATEGIES}  # row: (strategy, out_dir prefix, extra flags)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
@@ -180,6 +163,56 @@ def main(argv=None):
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
     report(a, work, runs, {row: prefix for row, (strategy, prefix, _) in rows.items() if strategy == "auto"},
            scores, best, time.time() - t0, run_s)
+
+
+def make_team(a, t0):
+    """Fine-tune the team with distill.py --strategy none (reused when present), build the contradicting
+    teacher and cache every teacher's outputs once, so that parallel runs only read the cache.
+
+    Returns (work folder, data folder, teacher folders, {name: metrics.json of its training}, {name: dev score}).
+    """
+    work, data_dir = os.path.join(a.out, a.task), a.data_dir
+    if a.train_limit:
+        data_dir = os.path.join(work, "data")
+        rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
+    argvs = {}
+    for name, (layers, seed, kind) in TEAM.items():
+        teacher_data = data_dir
+        if kind == INEFFECTIVE:
+            teacher_data = os.path.join(work, "shuffled")
+            rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
+        if kind != HARMFUL:
+            argvs[name] = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
+                           "--data_dir", teacher_data, "--student", a.base_model, "--student_layers", str(layers),
+                           "--epochs", str(a.teacher_epochs), "--lr", str(a.teacher_lr), "--seed", str(seed),
+                           "--out_dir", os.path.join(work, "teachers", name)]
+    team = run_all(a.jobs, argvs, t0)
+    dirs = [os.path.join(work, "teachers", n) for n in TEAM]
+    for name, d in zip(TEAM, dirs):
+        if TEAM[name][2] == HARMFUL:
+            contradict(os.path.join(work, "teachers", "L6-s1"), d, a.task)
+    loaded = team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
+                                os.path.join(work, "cache"), DEVICE)
+    return work, data_dir, dirs, team, {n: glue_data.score(t.dev_metrics) for n, t in zip(TEAM, loaded)}
+
+
+def contradict(src, dst, task):
+    """A copy of the classifier in src that contradicts it: output i is src's output i+1 (two classes:
+    swapped), so it puts its confidence on a wrong class wherever src is right; regression: 5 - score."""
+    if os.path.isfile(os.path.join(dst, "config.json")):
+        return
+    model = AutoModelForSequenceClassification.from_pretrained(src)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+            and m.out_features == model.config.num_labels][-1]  # the layer that gives the outputs
+    with torch.no_grad():
+        if glue_data.get_task(task).labels is None:
+            head.weight.neg_(), head.bias.neg_().add_(5.0)
+        else:
+            head.weight.copy_(head.weight.roll(-1, 0)), head.bias.copy_(head.bias.roll(-1, 0))
+    shutil.rmtree(dst + ".tmp", ignore_errors=True)
+    model.save_pretrained(dst + ".tmp"), AutoTokenizer.from_pretrained(src).save_pretrained(dst + ".tmp")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(dst + ".tmp", dst)
 
 
 def report(a, work, runs, autos, scores, best, seconds, run_s):

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler_lr", type=float, default=0.1, help="learning rate of the teacher weights")
     p.add_argument("--sampler_warmup", type=int, default=0, help="first steps whose rewards only set the baseline")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction of train held out for the reward")
+    p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"),
+                   help="how a step's teacher is scored (see Loop.lookahead and Loop.probe)")
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing one held-out reward batch")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -126,12 +128,12 @@ class Loop:
         return student
 
     def reduce_mean(self, value, n):
-        """Mean over all ranks of a per-rank mean of n examples (the value itself in one process)."""
+        """Mean over all ranks of a per-rank mean (a tensor) of n examples (the value itself in one process)."""
         if self.world == 1:
             return value
-        t = torch.stack([value.detach().float() * n, torch.tensor(float(n), device=value.device)])
+        t = torch.cat([value.detach().float().reshape(-1) * n, torch.tensor([float(n)], device=value.device)])
         dist.all_reduce(t)
-        return t[0] / t[1]
+        return (t[:-1] / t[-1]).reshape(value.shape)
 
     def optimizer(self, student, epochs, n_train):
         steps = epochs * math.ceil(n_train / self.args.batch_size)
@@ -141,12 +143,16 @@ class Loop:
             opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
         return opt, sched
 
-    def loss(self, student, idx, soft_k):
-        """KD loss of the examples idx; soft_k [N, C] one teacher's soft targets on the device, or None."""
+    def logits(self, student, idx):
+        """The student's outputs on the examples idx, [B, C] float32, and idx on the device [B]."""
         b = self.batch(idx)
         i = b.pop("idx")
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = student(**b).logits.float()  # [B, C]
+            return student(**b).logits.float(), i
+
+    def loss(self, student, idx, soft_k):
+        """KD loss of the examples idx; soft_k [N, C] one teacher's soft targets on the device, or None."""
+        logits, i = self.logits(student, idx)
         return kd.kd_loss(logits, self.labels[i], soft_k[i] if soft_k is not None else None,
                           self.args.temperature, self.args.alpha)
 
@@ -160,6 +166,47 @@ class Loop:
         student.train()
         return loss
 
+    def heldout_grad(self, student, idx):
+        """h: the gradient of the student's expected error on held-out examples (no dropout) over its
+        weights, averaged over ranks, flat [P]: the direction the lookahead reward scores steps against."""
+        params, mine = list(student.parameters()), idx[self.rank::self.world]
+        grads = [None] * len(params)
+        student.eval()
+        if mine:
+            logits, i = self.logits(student, mine)
+            grads = torch.autograd.grad(kd.expected_error(logits, self.labels[i]), params, allow_unused=True)
+        student.train()
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        return self.reduce_mean(flat, len(mine))
+
+    @torch.no_grad()
+    def lookahead(self, student, idx, soft, h, lr):
+        """Every teacher's reward on this batch, [K]: how much a step of size lr on its soft targets
+        would lower the held-out expected error E (heldout_grad), to first order. Teacher j's step is
+        -lr * g_j, so the drop is
+
+            r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,     g_j = J^T dL_j/dz,  J = dz/dtheta
+
+        with z [B, C] the batch's logits. Teachers differ only in dL_j/dz, so ONE product J h (a central
+        difference of two forwards along h, no dropout, fp32) scores the whole team on the same batch
+        and the same held-out examples.
+        """
+        b = self.batch(idx)
+        i = b.pop("idx")
+        names, params = zip(*student.named_parameters())
+        hs = [v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params)]
+        eps = 1e-3 * float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)) / h.norm().clamp_min(1e-12))
+        student.eval()
+        with torch.autocast(self.device.type, enabled=False):  # (bf16 would drown the difference)
+            z_plus, z_minus = (torch.func.functional_call(student, {n: p.add(v, alpha=s) for n, p, v in zip(
+                names, params, hs)}, kwargs=b).logits.float() for s in (eps, -eps))
+        student.train()
+        jh, z = (z_plus - z_minus) / (2 * eps), ((z_plus + z_minus) / 2).requires_grad_()  # [B, C]; z to O(eps^2)
+        with torch.enable_grad():
+            dz = torch.stack([torch.autograd.grad(kd.kd_loss(z, self.labels[i], s[i], self.args.temperature,
+                                                             self.args.alpha), z)[0] for s in soft])  # [K, B, C]
+        return self.reduce_mean(lr * (dz * jh).sum((1, 2)), 1)  # DDP averages the ranks' gradients alike
+
     def finite(self, loss, where):
         """The loss as a float, or stop before it reaches the weights (averaged over ranks)."""
         value = float(self.reduce_mean(loss, 1))
@@ -171,11 +218,12 @@ class Loop:
     def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, heldout=None):
         """Train student for epochs over train_idx; soft [K, N, C] team soft targets (None: no KD).
 
-        Each step uses teacher k ~ sampler (k = 0 without one). With heldout, the sampler LEARNS:
-        the reward of a step is probe loss before it minus probe loss after it, on a held-out batch
-        kept for probe_every steps, so the loss after one step is the loss before the next.
+        Each step uses teacher k ~ sampler (k = 0 without one). With heldout, the sampler LEARNS from
+        a held-out batch kept for probe_every steps. --reward lookahead scores every teacher on the
+        step's batch before the step (lookahead()); --reward step measures the drawn teacher alone:
+        the probe loss before the step minus after it (the loss after one step is the loss before the next).
         """
-        r, start, skip, step, before = self.resume, 1, 0, 0, None
+        r, start, skip, step, before = self.resume, 1, 0, 0, None  # before: h, or the probe loss
         if r and PHASES.index(r["phase"]) > PHASES.index(phase):
             return  # this phase had finished before the run was killed
         if r and r["phase"] == phase:  # continue from the checkpoint, exactly
@@ -192,9 +240,12 @@ class Loop:
                 if len(b) < self.world:
                     continue  # a last batch too small to give every rank an example
                 idx = train_idx[b].tolist()[self.rank::self.world]  # this rank's share of the batch
+                lookahead = probes and self.args.reward == "lookahead"
                 if probes and (step % self.args.probe_every == 0 or before is None):
                     probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
-                    before = self.probe(student, probe_idx)
+                    before = (self.heldout_grad if lookahead else self.probe)(student, probe_idx)
+                if lookahead:
+                    rewards = self.lookahead(student, idx, soft, before, opt.param_groups[0]["lr"]).tolist()
                 k = sampler.sample() if sampler else 0
                 loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
                 ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # NaN stays NaN
@@ -205,10 +256,11 @@ class Loop:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-                if probes:
+                if probes and not lookahead:
                     after = self.probe(student, probe_idx)
-                    sampler.update(k, before - after)
-                    before = after
+                    rewards, before = before - after, after
+                if probes:
+                    sampler.update(k, rewards)
                 step += 1
                 if save:
                     self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler)
@@ -306,7 +358,8 @@ def resolve_team(args):
             raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint (hub name or folder)")
         return [], args.student
     default_dir = os.path.join("teachers", args.task)
-    names = args.teachers or team_lib.find_teachers(default_dir)
+    # Sorted, so that the order in which the team is named decides nothing (a draw picks by position).
+    names = sorted(args.teachers or team_lib.find_teachers(default_dir))
     if not names:
         raise ValueError(f"no teachers in {default_dir}/: make each with `python distill.py --task "
                          f"{args.task} --strategy none --student <name or folder> --out_dir "

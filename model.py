@@ -78,3 +78,12 @@ def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
         soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
     return (1 - alpha) * hard + alpha * soft
 
+
+def expected_error(logits, labels):
+    """What the lookahead reward measures on held-out examples: 1 - the mean probability of the right
+    label (accuracy made smooth); regression: the squared error. Cross-entropy would serve worse: an
+    overconfident student lowers it fastest by doubting everything, which a teacher that contradicts
+    the labels teaches best."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float())
+    return 1 - torch.softmax(logits, -1).gather(1, labels[:, None]).mean()

@@ -54,16 +54,24 @@ class TeacherSampler:
         return int(torch.multinomial(self.probs(), 1, generator=self.generator))
 
     def update(self, k, reward):
-        """Stochastic single-weight REINFORCE step for the sampled teacher k; returns the advantage."""
-        if self.steps == 0:
-            self.baseline = reward  # no history yet: the first reward only sets the baseline
-        adv = reward - self.baseline
+        """Stochastic single-weight REINFORCE step for the sampled teacher k; returns the advantage.
+
+        reward: the step's reward (a float), measured for k alone: the baseline b is a moving average of
+        past rewards. Or every teacher's reward on this step's batch (a list of K): then b is their
+        mean under p, b = sum_j p_j r_j, the expected reward of this very step, exact for every batch.
+        """
+        if isinstance(reward, list):
+            adv = reward[k] - float(self.probs() @ torch.tensor(reward, dtype=torch.float64))
+        else:
+            if self.steps == 0:
+                self.baseline = reward  # no history yet: the first reward only sets the baseline
+            adv = reward - self.baseline
+            self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
         self.var = self.momentum * self.var + (1 - self.momentum) * adv * adv
         if self.normalize and self.var > 0:
             adv = adv / math.sqrt(self.var)
         if self.steps >= self.warmup:
             self.theta[k] += self.lr * adv * (1 - float(self.probs()[k]))
-        self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
         self.steps += 1
         self.trace.append(self.probs().tolist())
         self.rewards.append([k, reward])

@@ -252,6 +252,21 @@ def test_single_weight_update_is_the_reinforce_term():
     assert s.baseline == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
 
 
+def test_update_with_every_teachers_reward_uses_their_mean_under_p_as_baseline():
+    s = TeacherSampler(["a", "b", "c"], lr=0.5, normalize=False, seed=0)
+    s.theta = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)
+    p, r = torch.softmax(s.theta, 0).tolist(), [1.0, 3.0, 2.0]
+    s.update(1, r)  # an exact same-batch baseline: even the first step moves
+    expected = 0.5 * (3.0 - sum(pj * rj for pj, rj in zip(p, r))) * (1 - p[1])
+    assert (s.theta - torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)).tolist() == pytest.approx([0, expected, 0])
+    s.active = [True, True, False]  # a discarded teacher's reward weighs nothing
+    p = s.probs().tolist()
+    before = float(s.theta[0])
+    s.update(0, [1.0, 3.0, -50.0])
+    assert float(s.theta[0]) - before == pytest.approx(0.5 * (1.0 - p[0] - 3.0 * p[1]) * (1 - p[0]))
+    assert s.rewards[-1] == [0, [1.0, 3.0, -50.0]]
+
+
 def test_normalized_update_divides_by_running_rms():
     s = TeacherSampler(["a", "b"], lr=1.0, momentum=0.9, seed=0)
     s.update(0, 2.0)
@@ -523,6 +538,61 @@ def test_resume_refuses_other_flags(workdir, monkeypatch):
     assert os.path.exists(os.path.join(workdir, "runs/flags/resume.pt"))
     with pytest.raises(ValueError, match=r"written with other flags \(--lr\)"):
         run(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
+
+
+def tiny_loop(tmp_path, argv, n_train):
+    """A distill.Loop on a synthetic RTE (the label is whether 'good' is in the first sentence) and a
+    tiny student checkpoint without dropout: (loop, checkpoint folder)."""
+    base = make_tiny_bert(str(tmp_path / "nodrop"), layers=2, dropout=0.0)
+    write_task(str(tmp_path / "glue"), "RTE", n_train=n_train, n_dev=16)
+    args = distill.parse_args(["--task", "RTE", "--data_dir", str(tmp_path / "glue"), "--out_dir", str(tmp_path / "out")] + argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    return distill.Loop(args, glue_data.load_task(args.data_dir, "RTE"), BertTokenizer.from_pretrained(base)), base
+
+
+def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
+    """Every teacher's value against a real small step with its loss, taken from copied weights."""
+    import copy
+    loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
+    student = loop.new_student(base)
+    torch.manual_seed(1)
+    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-2
+    predicted = loop.lookahead(student, idx, soft, loop.heldout_grad(student, heldout), lr).tolist()
+    measured = []
+    for j in range(3):
+        c = copy.deepcopy(student).eval()
+
+        def error():  # what the reward measures: the held-out expected error
+            with torch.no_grad():
+                logits, i = loop.logits(c, heldout)
+                return float(kd.expected_error(logits, loop.labels[i]))
+
+        before = error()
+        grads = torch.autograd.grad(loop.loss(c, idx, soft[j]), list(c.parameters()))
+        with torch.no_grad():
+            for p, g in zip(c.parameters(), grads):
+                p -= lr * g
+            measured.append(before - error())
+    assert predicted == pytest.approx(measured, rel=0.02)
+    gaps = lambda r: [r[1] - r[0], r[2] - r[0]]  # what the sampler's advantage is made of
+    assert gaps(predicted) == pytest.approx(gaps(measured), rel=0.02)
+    assert len({round(m, 5) for m in measured}) == 3  # the teachers really differ here
+
+
+def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
+    """One teacher gives the labels, one contradicts them: phase-1 ends with p(helpful) > 0.9, every seed."""
+    for seed in (0, 1, 2):
+        loop, base = tiny_loop(tmp_path / str(seed), ["--student_layers", "1", "--lr", "1e-2", "--batch_size", "16",
+                                                      "--phase1_epochs", "4", "--seed", str(seed)], 400)
+        right = torch.nn.functional.one_hot(loop.labels, 2).float() * 4 - 2  # logit +2 on the label, -2 elsewhere
+        soft = torch.stack([kd.soft_targets(right, 2.0), kd.soft_targets(-right, 2.0)])  # helpful, harmful
+        sampler = TeacherSampler(["helpful", "harmful"], seed=seed)
+        split = torch.randperm(400, generator=torch.Generator().manual_seed(seed))
+        distill.phase1(loop, base, soft, sampler, split[40:], split[:40])
+        assert float(sampler.probs()[0]) > 0.9, (seed, sampler.probs())
+        values = torch.tensor([r for _, r in sampler.rewards])  # [steps, K]: every teacher, every step
+        assert (values[:, 0] > values[:, 1]).float().mean() > 0.8  # the helpful teacher scores higher
 
 
 def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path):
