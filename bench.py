@@ -3,11 +3,14 @@
     python bench.py --task MRPC --base_model <hub name or folder>
 
 1. fine-tunes the team once (reused when present) with distill.py's own `--strategy none`:
-   teachers of different capacities from --base_model, plus one deliberately ineffective teacher
-   trained on shuffled labels;
-2. runs none, single (the best teacher by dev score), ensemble, uniform and auto for every seed,
-   each through distill.main (no second implementation); a finished run is reused;
-3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the table) and
+   teachers of different capacities from --base_model, one ineffective teacher trained on shuffled
+   labels, and one harmful teacher that contradicts the best-placed one (see TEAM);
+2. runs none, single (once per teacher: the ground truth of what each teacher is worth to this
+   student), ensemble, uniform and auto for every seed, each through distill.main (no second
+   implementation); a finished run is reused;
+3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the tables: does auto beat
+   uniform and ensemble, does it discard the harmful teacher, does its p rank the teachers as the
+   ground truth does, and how much teacher signal its reward carries) and
    results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
 matplotlib is needed for the picture only (pip install matplotlib).
 
@@ -42,7 +45,6 @@ import glue_data
 import model as kd
 import teachers as team_lib
 
-STRATEGIES = ["none", "single", "ensemble", "uniform", "auto"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # teachers' cache fill, --speed
 # name: (layers, seed, what it learns from). Capacities differ, and two teachers are bad on purpose:
 #   "shuffled"  trained on train with its labels permuted: no signal, it predicts the majority class;
@@ -144,16 +146,17 @@ def main(argv=None):
     if a.speed:
         return speed(a)
     work, data_dir, dirs, team, scores = make_team(a, t0)
-    best = max((n for n in TEAM if TEAM[n][2] == "labels"), key=lambda n: scores[n])
     common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache")]
 
-    # 2. every strategy and seed, same student and budget
-    rows = {s: (s, s, []) for s in STRATEGIES}  # row: (strategy, out_dir prefix, extra flags)
-    rows.update({f"auto ({name})": ("auto", f"auto-{name}", shlex.split(flags)) for name, flags in a.variant})
+    # 2. every strategy and seed, same student and budget. `single` runs once per teacher: what each
+    # teacher is worth to this student, distilled alone, is the ranking a learned distribution should find.
+    rows = {"none": ("none", "none", [], [])}  # row: (strategy, out_dir prefix, teachers, extra flags)
+    rows.update({f"single ({n})": ("single", f"single-{n}", [d], []) for n, d in zip(TEAM, dirs)})
+    rows.update({s: (s, s, dirs, []) for s in ("ensemble", "uniform", "auto")})
+    rows.update({f"auto ({name})": ("auto", f"auto-{name}", dirs, shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
     for seed in a.seeds:  # auto rows first: they are the longest
-        for row, (strategy, prefix, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
-            teachers = [] if strategy == "none" else [os.path.join(work, "teachers", best)] if strategy == "single" else dirs
+        for row, (strategy, prefix, teachers, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
             argvs[row, seed] = common + [
                 "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
                 "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", str(seed),
@@ -161,8 +164,8 @@ def main(argv=None):
     done = run_all(a.jobs, argvs, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
-    report(a, work, runs, {row: prefix for row, (strategy, prefix, _) in rows.items() if strategy == "auto"},
-           scores, best, time.time() - t0, run_s)
+    report(a, work, runs, {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"},
+           scores, time.time() - t0, run_s)
 
 
 def make_team(a, t0):
@@ -215,93 +218,151 @@ def contradict(src, dst, task):
     os.replace(dst + ".tmp", dst)
 
 
-def report(a, work, runs, autos, scores, best, seconds, run_s):
+def report(a, work, runs, autos, scores, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
-    names = list(TEAM)
-    rows, selection = {}, {}
-    for strategy, by_seed in runs.items():
-        per_seed = {seed: m["dev"] for seed, m in by_seed.items()}
-        metrics = sorted({(s, k) for d in per_seed.values() for s, ms in d.items() for k in ms})
-        rows[strategy] = {f"{s}/{k}": [d[s][k] for d in per_seed.values()] for s, k in metrics}
-    shuffled = [n for n in names if TEAM[n][2]][0]
-    for row, prefix in autos.items():  # what phase-1 and selection did with the ineffective teacher
+    names, n_seeds = list(TEAM), len(a.seeds)
+    score = lambda row: [glue_data.score(m["dev"]) for m in runs[row].values()]  # per seed
+    truth = {n: statistics.mean(score(f"single ({n})")) for n in names}  # the student's dev score, distilled from n alone
+    helpful = [n for n in names if TEAM[n][2] == "labels"]
+    harmful = [n for n in names if TEAM[n][2] == HARMFUL]
+    table = {}
+    for row, by_seed in runs.items():
+        metrics = sorted({(s, k) for m in by_seed.values() for s, ms in m["dev"].items() for k in ms})
+        table[row] = {f"{s}/{k}": [m["dev"][s][k] for m in by_seed.values()] for s, k in metrics}
+    learned = {}
+    for row, prefix in autos.items():  # what phase-1, selection and the rewards did
         dists = {}
         for seed in a.seeds:
             with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
                 dists[seed] = json.load(f)
-        # Teachers are matched by name: a reused run may list them in another order.
-        at = {seed: {os.path.basename(t): i for i, t in enumerate(d["teachers"])} for seed, d in dists.items()}
-        p1 = {seed: {n: d["phase1"][-1][at[seed][n]] for n in names} for seed, d in dists.items()}
-        selection[row] = {
-            "shuffled_lowest_phase1": sum(min(p, key=p.get) == shuffled for p in p1.values()),
-            "shuffled_discarded": sum(shuffled in map(os.path.basename, d["discarded"]) for d in dists.values()),
-            "phase1_final_p": [statistics.mean(p[n] for p in p1.values()) for n in names],
-            "phase1_reward": reward_stats(dists, at, names), "teacher_share": teacher_share(dists), "dists": dists}
+        learned[row] = learned_stats(dists, names, truth, helpful, harmful)
+        learned[row]["vs"] = {base: [x - y for x, y in zip(score(row), score(base))] for base in ("uniform", "ensemble")}
+        learned[row]["dists"] = dists
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
-              "best_teacher": best, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
-              "selection": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in selection.items()},
+              "ground_truth": truth, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
+              "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
               "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     distill.save_json(result, os.path.join(a.out, f"{a.task}.json"))
 
-    cols = list(next(iter(rows.values())))
+    pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+    cols = list(next(iter(table.values())))
     lines = [f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    for strategy, r in rows.items():
-        cells = [f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
-                 for v in r.values()]
-        lines.append(f"| {strategy} | {' | '.join(cells)} |")
-    lines += ["", "| teacher | layers | dev score |", "|---|---|---|"]
-    lines += [f"| {n}{' (best)' if n == best else ''} | {TEAM[n][0]} | {100 * scores[n]:.1f} |" for n in names]
-    n = len(a.seeds)
-    lines += ["", f"| run | shuffled teacher lowest after phase-1 | shuffled teacher discarded | "
-              f"mean p after phase-1 ({', '.join(names)}) |", "|---|---|---|---|"]
-    lines += [f"| {row} | {s['shuffled_lowest_phase1']}/{n} | {s['shuffled_discarded']}/{n} | "
-              f"{', '.join(f'{p:.2f}' for p in s['phase1_final_p'])} |" for row, s in selection.items()]
-    if any(s["phase1_reward"] for s in selection.values()):
-        lines += ["", f"| run | phase-1 reward per teacher, mean ± standard error, pooled over seeds "
-                  f"({', '.join(names)}) | reward variance the teacher drawn explains, mean over seeds |", "|---|---|---|"]
-        lines += [f"| {row} | {', '.join(f'{m:+.4f} ± {se:.4f}' for m, se in s['phase1_reward']) or 'not logged'} | "
-                  + (f"{100 * s['teacher_share'][0]:.1f}% (chance {100 * s['teacher_share'][1]:.1f}%) |"
-                     if s["teacher_share"] else "not logged |") for row, s in selection.items()]
+    lines += [f"| {row} | {' | '.join(pm(v) for v in r.values())} |" for row, r in table.items()]
+    none = statistics.mean(score("none"))
+    lines += ["", "| teacher | layers | trained on | its own dev score | student distilled from it alone | against `none` |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {TEAM[n][0]} | {TEAM[n][2]} | {100 * scores[n]:.1f} | {pm(score(f'single ({n})'))} | "
+              f"{100 * (truth[n] - none):+.1f} |" for n in names]
+    lines += ["", f"| run | `auto` minus `uniform` (dev score, per seed: mean ± sd) | `auto` minus `ensemble` | "
+              f"{', '.join(harmful)} discarded | {', '.join(n for n in names if TEAM[n][2] == INEFFECTIVE)} discarded | "
+              "Kendall tau with the ground truth, p after phase-1 / final p, per seed |", "|---|---|---|---|---|---|"]
+    for row, s in learned.items():
+        taus = ", ".join(f"{x:+.2f} / {y:+.2f}" for x, y in zip(s["tau_phase1"], s["tau_final"]))
+        lines.append(f"| {row} | {pm(s['vs']['uniform'])} | {pm(s['vs']['ensemble'])} | {s['harmful_discarded']}/{n_seeds} | "
+                     f"{s['ineffective_discarded']}/{n_seeds} | {taus} |")
+    lines += ["", f"| run | mean p after phase-1 ({', '.join(names)}) | phase-1 reward per teacher, mean ± standard "
+              f"error, pooled over seeds | harmful below every helpful teacher by (standard errors of the difference, "
+              f"least per seed) | Kendall tau of the reward ranking between seeds, mean over pairs | reward variance "
+              f"the teacher explains (chance) |", "|---|---|---|---|---|---|"]
+    for row, s in learned.items():
+        share = "; ".join(f"{label} {100 * x:.1f}% ({100 * c:.1f}%)" for label, (x, c) in s["share"].items())
+        lines.append(f"| {row} | {', '.join(f'{p:.2f}' for p in s['phase1_p'])} | "
+                     f"{', '.join(f'{m:+.2e} ± {se:.1e}' for m, se in s['reward'])} | "
+                     f"{', '.join(f'{z:.1f}' for z in s['harmful_z'])} | {s['seed_tau']:+.2f} | {share} |")
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
     write_text(os.path.join(a.out, f"{a.task}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(selection["auto"]["dists"], os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+    plot(learned["auto"]["dists"], os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
 
 
-def reward_stats(dists, at, names):
-    """(mean, standard error) of the phase-1 rewards of each teacher, pooled over seeds; [] if not logged."""
-    if not all("rewards" in d for d in dists.values()):
-        return []
-    stats = []
+def learned_stats(dists, names, truth, helpful, harmful):
+    """What an auto row's runs ({seed: distribution.json}) learned, against the ground truth."""
+    at = {seed: {os.path.basename(t): i for i, t in enumerate(d["teachers"])} for seed, d in dists.items()}
+    p1 = {seed: [d["phase1"][-1][at[seed][n]] for n in names] for seed, d in dists.items()}
+    final = {seed: [d["final"][at[seed][n]] for n in names] for seed, d in dists.items()}
+    rewards = {seed: phase1_rewards(d, names) for seed, d in dists.items()}  # {seed: ({name: [r]}, paired)}
+    means = {seed: [statistics.mean(r[n]) if r[n] else float("nan") for n in names] for seed, (r, _) in rewards.items()}
+    pooled = []
     for n in names:
-        r = [rew for seed, d in dists.items() for j, rew in d["rewards"][:len(d["phase1"])] if j == at[seed][n]]
-        mean = statistics.mean(r) if r else float("nan")
-        stats.append((mean, statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")))
-    return stats
+        r = [x for rs, _ in rewards.values() for x in rs[n]]
+        pooled.append((statistics.mean(r), statistics.stdev(r) / math.sqrt(len(r))) if len(r) > 1 else (math.nan, math.nan))
+    gt = [truth[n] for n in names]
+    discarded = lambda kind: sum(all(n in map(os.path.basename, d["discarded"]) for n in kind) for d in dists.values())
+    return {"phase1_p": [statistics.mean(p[i] for p in p1.values()) for i in range(len(names))],
+            "tau_phase1": [kendall_tau(gt, p) for p in p1.values()], "tau_final": [kendall_tau(gt, p) for p in final.values()],
+            "harmful_discarded": discarded(harmful),
+            "ineffective_discarded": discarded([n for n in names if TEAM[n][2] == INEFFECTIVE]),
+            "reward": pooled, "harmful_z": [min(gap_z(r[h], r[x], paired) for h in helpful for x in harmful)
+                                            for r, paired in rewards.values()],
+            "seed_tau": statistics.mean(kendall_tau(means[s], means[t]) for s in means for t in means if s < t)
+            if len(means) > 1 else math.nan, "share": teacher_share(dists)}
+
+
+def phase1_rewards(d, names):
+    """Each teacher's phase-1 rewards in one run: ({name: [reward]}, paired). paired: every teacher was scored
+    at every step, so the lists line up step by step; otherwise each list holds the steps that drew it."""
+    at = {os.path.basename(t): i for i, t in enumerate(d["teachers"])}
+    logged = d.get("rewards", [])[:len(d["phase1"])]
+    if logged and isinstance(logged[0][1], list):
+        return {n: [r[at[n]] for _, r in logged] for n in names}, True
+    return {n: [r for k, r in logged if k == at[n]] for n in names}, False
+
+
+def gap_z(a, b, paired):
+    """(mean(a) - mean(b)) / the standard error of that difference: of the step-by-step differences when
+    paired, else of two independent means."""
+    if min(len(a), len(b)) < 2:
+        return math.nan
+    if paired:
+        d = [x - y for x, y in zip(a, b)]
+        gap, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+    else:
+        gap = statistics.mean(a) - statistics.mean(b)
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return gap / se if se > 0 else math.copysign(math.inf, gap) if gap else math.nan
+
+
+def kendall_tau(x, y):
+    """Kendall's tau-b of two lists of scores: (concordant - discordant pairs) / sqrt(pairs untied in x *
+    pairs untied in y)."""
+    pairs = [(x[i] - x[j], y[i] - y[j]) for i in range(len(x)) for j in range(i)]
+    s = sum((dx > 0) - (dx < 0) for dx in (a * b for a, b in pairs))
+    nx, ny = sum(a != 0 for a, _ in pairs), sum(b != 0 for _, b in pairs)
+    return s / math.sqrt(nx * ny) if nx and ny else math.nan
 
 
 def teacher_share(dists):
-    """How much of the phase-1 reward the teacher drawn explains: per seed, the between-teacher sum of
-    squares over the total (eta squared), and what chance alone gives with no teacher effect, (K-1)/(n-1)
-    for K teachers and n rewards. Means over seeds; None if rewards were not logged."""
-    if not all("rewards" in d for d in dists.values()):
-        return None
-    shares, chance = [], []
+    """How much of the phase-1 reward the teacher explains, means over seeds, each with what chance alone
+    gives: {"drawn": (share, chance)}, and for rewards that score every teacher at every step, "every": (share, chance).
+
+    drawn: the drawn teacher's reward at each step, grouped by teacher: the between-teacher sum of squares
+    over the total (eta squared); chance (K-1)/(n-1) for K teachers and n steps.
+    every: each step's rewards minus that step's mean over the teachers (what the batch adds to all),
+    then the between-teacher sum of squares over the total of what is left; chance 1/n.
+    {} if rewards were not logged."""
+    if not all(d.get("rewards") for d in dists.values()):
+        return {}
+    out = {}
     for d in dists.values():
-        drawn = d["rewards"][:len(d["phase1"])]
+        steps = d["rewards"][:len(d["phase1"])]
+        drawn = [(k, r[k] if isinstance(r, list) else r) for k, r in steps]
         mean = statistics.mean(r for _, r in drawn)
         total = sum((r - mean) ** 2 for _, r in drawn)
         groups = {}
         for k, r in drawn:
             groups.setdefault(k, []).append(r)
         between = sum(len(g) * (statistics.mean(g) - mean) ** 2 for g in groups.values())
-        shares.append(between / total if total > 0 else 0.0)
-        chance.append((len(d["teachers"]) - 1) / (len(drawn) - 1))
-    return statistics.mean(shares), statistics.mean(chance)
+        out.setdefault("drawn", []).append((between / total if total > 0 else 0.0, (len(d["teachers"]) - 1) / (len(drawn) - 1)))
+        if isinstance(steps[0][1], list):
+            left = [[x - statistics.mean(r) for x in r] for _, r in steps]  # [n][K]
+            col = [statistics.mean(c) for c in zip(*left)]
+            total = sum(x * x for r in left for x in r)
+            out.setdefault("every", []).append((len(left) * sum(c * c for c in col) / total if total > 0 else 0.0, 1 / len(left)))
+    return {k: tuple(statistics.mean(x) for x in zip(*v)) for k, v in out.items()}
 
 
 def plot(dists, path, task):

@@ -229,7 +229,7 @@ class Loop:
         if r and r["phase"] == phase:  # continue from the checkpoint, exactly
             student.load_state_dict(r["student"]), opt.load_state_dict(r["opt"]), sched.load_state_dict(r["sched"])
             self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
-            start, skip, step, self.resume = r["epoch"], r["batch"], r["step"], None
+            start, skip, step, before, self.resume = r["epoch"], r["batch"], r["step"], r.get("before"), None
         student.train()
         probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
         status, ema = {"loss": float("nan")}, None
@@ -263,20 +263,20 @@ class Loop:
                     sampler.update(k, rewards)
                 step += 1
                 if save:
-                    self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler)
+                    self.checkpoint(phase, epoch, i + 1, step, order_state, student, opt, sched, sampler, before)
             skip = 0
             T = self.timings  # the training steps alone, for bench.py --speed (on CPU: process CPU time)
             T[phase + "_steps"], T[phase + "_steps_s"] = step, T.get(phase + "_steps_s", 0) + self.clock() - t
             self.evaluate(phase, epoch, student)
-            self.checkpoint(phase, epoch + 1, 0, step, self.order.get_state(), student, opt, sched, sampler)
+            self.checkpoint(phase, epoch + 1, 0, step, self.order.get_state(), student, opt, sched, sampler, before)
 
-    def checkpoint(self, phase, epoch, batch, step, order_state, student, opt, sched, sampler):
+    def checkpoint(self, phase, epoch, batch, step, order_state, student, opt, sched, sampler, before):
         """Everything --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
         if self.rank:
             return
         state = {"phase": phase, "epoch": epoch, "batch": batch, "step": step, "order": order_state,
                  "rng": torch.get_rng_state(), "student": student.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
+                 "sched": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None, "before": before,
                  "history": self.history, "dist": self.record, "timings": self.timings, "args": vars(self.args)}
         torch.save(state, self.resume_path + ".tmp")
         os.replace(self.resume_path + ".tmp", self.resume_path)

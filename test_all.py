@@ -610,7 +610,8 @@ def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path):
     assert two["dev"] == one["dev"] and [h["dev"] for h in two["history"]] == [h["dev"] for h in one["history"]]
     d1, d2 = (json.load(open(os.path.join(workdir, f"runs/{r}/distribution.json"))) for r in ("one-process", "two-processes"))
     assert d2["discarded"] == d1["discarded"] and [k for k, _ in d2["rewards"]] == [k for k, _ in d1["rewards"]]
-    assert [r for _, r in d2["rewards"]] == pytest.approx([r for _, r in d1["rewards"]], rel=1e-3, abs=1e-6)
+    every = lambda d: [v for _, r in d["rewards"] for v in r]  # every teacher's reward at every step
+    assert every(d2) == pytest.approx(every(d1), rel=1e-3, abs=1e-12)
     assert d2["final"] == pytest.approx(d1["final"], abs=1e-4)
     a = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/one-process")).state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/two-processes")).state_dict()
@@ -671,12 +672,16 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
                 "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
                 "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out, "--variant", "slr1", "--sampler_lr 1"])
     result = json.load(open(os.path.join(out, "MRPC.json")))
-    assert set(result["runs"]) == set(bench.STRATEGIES) | {"auto (slr1)"}
+    singles = {f"single ({n})" for n in bench.TEAM}
+    assert set(result["runs"]) == {"none", "ensemble", "uniform", "auto", "auto (slr1)"} | singles
     assert all(len(r) == 2 for r in result["runs"].values())
     assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
-    assert set(result["selection"]) == {"auto", "auto (slr1)"}
-    assert len(result["selection"]["auto"]["phase1_reward"]) == 5
-    assert 0 <= result["selection"]["auto"]["teacher_share"][0] <= 1
+    assert result["runs"]["single (L4)"]["0"]["args"]["teachers"] == [os.path.join(out, "MRPC", "teachers", "L4")]
+    assert set(result["learned"]) == {"auto", "auto (slr1)"}
+    learned = result["learned"]["auto"]
+    assert len(learned["reward"]) == 6 and len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
+    assert 0 <= learned["share"]["drawn"][0] <= 1 and 0 <= learned["share"]["every"][0] <= 1
+    assert set(result["ground_truth"]) == set(bench.TEAM)
     # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
     argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
             "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
@@ -686,12 +691,17 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
         bench.main(argv)
     again = json.load(open(os.path.join(out, "MRPC.json")))
     for row in ("auto", "auto (slr1)"):
-        first, second = result["selection"][row], again["selection"][row]
-        assert first["phase1_final_p"] == pytest.approx(second["phase1_final_p"][::-1])
-        assert [first[k] for k in ("shuffled_lowest_phase1", "shuffled_discarded")] == \
-               [second[k] for k in ("shuffled_lowest_phase1", "shuffled_discarded")]
+        first, second = result["learned"][row], again["learned"][row]
+        assert first["phase1_p"] == pytest.approx(second["phase1_p"][::-1])
+        assert [x for mse in first["reward"] for x in mse] == pytest.approx([x for mse in second["reward"][::-1] for x in mse])
+        assert [first[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")] == \
+               [second[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")]
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
-    assert len(result["teacher_scores"]) == 5 and result["best_teacher"] != "L6-shuffled"
+    assert len(result["teacher_scores"]) == 6
+    teacher = lambda n: AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "MRPC", "teachers", n)).eval()
+    x = {"input_ids": torch.tensor([[2, 7, 12, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
+        assert torch.allclose(teacher("L6-contra")(**x).logits, teacher("L6-s1")(**x).logits.flip(-1))
     table = open(os.path.join(out, "MRPC.md")).read()
     assert "| auto |" in table and "| auto (slr1) | " in table
     assert os.path.getsize(os.path.join(out, "MRPC_distribution.png")) > 1000
@@ -709,11 +719,31 @@ def test_bench_teacher_share_of_reward_variance():
          "rewards": [[int(k), float(r)] for k, r in zip(drawn, rewards)]}  # the last 10 are phase-2
     k, r = drawn[:50], rewards[:50]
     within = sum(((r[k == j] - r[k == j].mean()) ** 2).sum() for j in range(3))
-    share, chance = bench.teacher_share({0: d})
+    share, chance = bench.teacher_share({0: d})["drawn"]
     assert share == pytest.approx(1 - within / ((r - r.mean()) ** 2).sum()) and chance == pytest.approx(2 / 49)
     d["rewards"] = [[j % 2, 1.0 if j % 2 else -1.0] for j in range(50)]  # the teacher decides the reward
-    assert bench.teacher_share({0: d})[0] == pytest.approx(1.0)
-    assert bench.teacher_share({0: {"teachers": [], "phase1": []}}) is None
+    assert bench.teacher_share({0: d}) == {"drawn": pytest.approx((1.0, 2 / 49))}
+    assert bench.teacher_share({0: {"teachers": [], "phase1": []}}) == {}
+    # Every teacher scored at every step: two-way layout (steps x teachers), with numpy.
+    V = rng.normal(size=(50, 3)) + rng.normal(size=(50, 1)) * 5 + np.array([0.0, 0.3, -0.2])  # batch noise + teacher effect
+    d["rewards"] = [[int(j % 3), v.tolist()] for j, v in enumerate(V)]
+    left = V - V.mean(1, keepdims=True)
+    expected = 50 * (left.mean(0) ** 2).sum() / (left ** 2).sum()
+    assert bench.teacher_share({0: d})["every"] == pytest.approx((expected, 1 / 50))
+    assert bench.teacher_share({0: d})["drawn"][0] == pytest.approx(
+        bench.teacher_share({0: dict(d, rewards=[[k, r[k]] for k, r in d["rewards"]])})["drawn"][0])
+
+
+def test_bench_kendall_tau_and_gap_against_hand_worked_values():
+    import bench
+    assert bench.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((5 - 1) / 6)  # one discordant pair of 6
+    assert bench.kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(5 * 6))  # tau-b, a tie in x
+    assert bench.kendall_tau([3, 2, 1], [1, 2, 3]) == -1.0
+    a, b = [1.0, 2.0, 4.0, 3.0], [0.5, 1.0, 2.5, 3.5]
+    d = np.array(a) - np.array(b)
+    assert bench.gap_z(a, b, True) == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
+    se = math.sqrt(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 4)
+    assert bench.gap_z(a, b, False) == pytest.approx((np.mean(a) - np.mean(b)) / se)
 
 
 def test_bench_resumes_a_killed_run(workdir, monkeypatch):
