@@ -437,7 +437,9 @@ def speed(a):
         "fine-tune": ["--strategy", "none"], "single": ["--strategy", "single", "--teachers", dirs[0]],
         "uniform, 2 teachers": ["--strategy", "uniform", "--teachers"] + dirs[:2],
         "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
-        "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs, "fine-tune again": ["--strategy", "none"]}
+        "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
+        "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step", "--teachers"] + dirs,
+        "fine-tune again": ["--strategy", "none"]}
     out = {}
     for name, extra in runs.items():
         argv = common + extra + ["--out_dir", os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))]
@@ -449,13 +451,14 @@ def speed(a):
 
     ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
     ft_run = statistics.mean(out[n]["run_s"] for n in ("fine-tune", "fine-tune again"))
-    auto = out["auto, 8 teachers"]
+    auto, step = out["auto, 8 teachers"], out["auto, 8 teachers, step reward"]
     ratios = {  # (measured, target)
         "final distillation step / fine-tuning step (single)": (out["single"]["final_step_s"] / ft, 1.05),
         "final distillation step / fine-tuning step (uniform, 8)": (out["uniform, 8 teachers"]["final_step_s"] / ft, 1.05),
-        "phase-1 step (with reward) / fine-tuning step": (auto["phase1_step_s"] / ft, 1.5),
-        "phase-2 step (with reward) / fine-tuning step": (auto["phase2_step_s"] / ft, 1.5),
-        "whole auto run / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
+        "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 2.0),
+        "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 2.0),
+        "phase-1 step, step reward / fine-tuning step": (step["phase1_step_s"] / ft, 1.5),
+        "whole auto run (lookahead reward) / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
         "peak memory, 8 teachers / 2 teachers": (out["uniform, 8 teachers"]["peak_mib"] / out["uniform, 2 teachers"]["peak_mib"], 1.1)}
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
     result = {"device": name, "platform": platform.platform(), "torch": torch.__version__, "task": a.task,

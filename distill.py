@@ -11,8 +11,12 @@ Paper -> code (strategy auto):
   phase-2 optimization       phase2(): the same student and sampler go on over the kept teachers
   stochastic single-weight   sampler.update(k, reward): only the sampled teacher's weight moves
   final distillation         final(): a FRESH student distilled with the learned, frozen p; reported
-The reward of a step is how much it lowered the student's loss on a held-out slice of the TRAINING
-data (the `--heldout` fraction, never trained on in phases 1-2); the dev set is only for reporting.
+The reward (--reward lookahead, the default): before each step, EVERY teacher is scored on the step's
+batch by how much a step on its soft targets would lower the student's expected error on a held-out
+slice of the TRAINING data (the --heldout fraction, never trained on in phases 1-2), to first order
+(Loop.lookahead); the sampled teacher's advantage is its score minus the team's mean under p.
+--reward step scores the drawn teacher alone: held-out loss before its step minus after it. The dev
+set is only for reporting.
 
 Comparison strategies on the same loop: uniform (SKD: p uniform and frozen), single (one teacher),
 ensemble (the mean of all teachers' soft targets at every step), none (plain fine-tuning).

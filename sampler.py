@@ -9,16 +9,18 @@ and learns theta in two phases:
 "Stochastic single-weight optimization": only the weight of the sampled teacher moves. We drive it
 with REINFORCE: for reward r of a step taken with teacher k, d log p_k / d theta_k = 1 - p_k, so
 
-    theta_k <- theta_k + lr * A * (1 - p_k),       A = (r - b) / s
+    theta_k <- theta_k + lr * A * (1 - p_k),       A = (r_k - b) / s
 
-where b is a moving average of past rewards (the baseline) and s a moving root-mean-square of
-(r - b). The full REINFORCE gradient would also push every other theta_j by -lr * A * p_j; the
+where b is the baseline and s a moving root-mean-square of (r_k - b). When every teacher j is scored
+on the step's own batch (distill.py's lookahead reward), b = sum_j p_j r_j, the reward expected under
+p on that same batch: what the batch adds to every teacher's reward cancels, and A is the drawn
+teacher's advantage over the team's mix. When only the drawn teacher is measured, b is a moving
+average of past rewards. The full REINFORCE gradient would also push every other theta_j by -lr * A * p_j; the
 single-weight strategy drops those terms. Dividing by s (our variant, switch it off with
 normalize=False) makes lr independent of the reward's units, which shrink as the student learns;
 with momentum m, |A| <= 1 / sqrt(1 - m).
 
-With warmup=W, the first W rewards only set b and s: the student's first steps lower the loss the
-most whichever teacher is drawn, so crediting the teachers drawn then is mostly noise.
+With warmup=W, the first W rewards only set b and s (p does not move).
 
 Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
 theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in

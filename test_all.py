@@ -490,6 +490,14 @@ def test_single_teacher_and_seeded_repeat(workdir):
     assert dists[0] == dists[1] and runs[0]["dev"] == runs[1]["dev"]
 
 
+def test_the_order_of_the_team_decides_nothing(workdir):
+    listed = run(FAST + ["--seed", "5", "--teachers", "teachers/RTE/small", "teachers/RTE/big",
+                         "--out_dir", "runs/listed"], workdir)
+    found = run(FAST + ["--seed", "5", "--out_dir", "runs/found"], workdir)  # found in teachers/RTE/: big, small
+    read = lambda d: open(os.path.join(workdir, d, "distribution.json")).read()
+    assert read("runs/listed") == read("runs/found") and listed["dev"] == found["dev"]
+
+
 @pytest.mark.parametrize("phase", ["phase1", "phase2", "final"])
 def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
     argv = FAST + ["--seed", "3", "--save_every", "2"]
@@ -774,7 +782,8 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     bench.main(["--speed", "--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--student_layers", "1", "--epochs", "1", "--train_limit", "48", "--out", out])
     result = json.load(open(os.path.join(out, "speed-cpu.json")))
-    assert len(result["ratios"]) == 6 and all(v > 0 for v in result["ratios"].values())
+    assert len(result["ratios"]) == 7 and all(v > 0 for v in result["ratios"].values())
     assert result["train_examples"] == 48 and result["padding_sorted"] <= result["padding_unsorted"]
     assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
-    assert "| whole auto run / whole fine-tuning run |" in open(os.path.join(out, "speed-cpu.md")).read()
+    assert "| phase-1 step, lookahead reward / fine-tuning step |" in open(os.path.join(out, "speed-cpu.md")).read()
+    assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
