@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"),
                    help="how a step's teacher is scored (see Loop.lookahead and Loop.probe)")
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing one held-out reward batch")
+    p.add_argument("--probe_size", type=int, help="examples in a held-out reward batch (default: --batch_size)")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", help="where results and the student go (default: runs/<TASK>-<strategy>-seed<N>)")
@@ -80,6 +81,7 @@ def parse_args(argv=None):
     for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
                      ("temperature", args.temperature > 0), ("alpha", 0 <= args.alpha <= 1),
                      ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1),
+                     ("probe_size", args.probe_size is None or args.probe_size >= 1),
                      ("save_every", args.save_every >= 1), ("sampler_warmup", args.sampler_warmup >= 0)]:
         if not ok:
             p.error(f"--{name} {getattr(args, name)} is out of range")
@@ -235,7 +237,8 @@ class Loop:
             self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
             start, skip, step, before, self.resume = r["epoch"], r["batch"], r["step"], r.get("before"), None
         student.train()
-        probes = glue_data.batches(self.lengths[heldout], self.args.batch_size) if heldout is not None else []
+        probes = glue_data.batches(self.lengths[heldout], self.args.probe_size or self.args.batch_size) \
+            if heldout is not None else []
         status, ema = {"loss": float("nan")}, None
         for epoch in range(start, epochs + 1):
             t, order_state = self.clock(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
