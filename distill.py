@@ -175,7 +175,7 @@ class Loop:
     def heldout_grad(self, student, idx):
         """h: the gradient of the student's expected error on held-out examples (no dropout) over its
         weights, averaged over ranks, flat [P]: the direction the lookahead reward scores steps against."""
-        params, mine = list(student.parameters()), idx[self.rank::self.world]
+        params, mine = [p for p in student.parameters() if p.requires_grad], idx[self.rank::self.world]
         grads = [None] * len(params)
         student.eval()
         if mine:
@@ -199,7 +199,7 @@ class Loop:
         """
         b = self.batch(idx)
         i = b.pop("idx")
-        names, params = zip(*student.named_parameters())
+        names, params = zip(*[(n, p) for n, p in student.named_parameters() if p.requires_grad])  # as in h
         hs = [v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params)]
         eps = 1e-3 * float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)) / h.norm().clamp_min(1e-12))
         student.eval()
@@ -239,6 +239,7 @@ class Loop:
         student.train()
         probes = glue_data.batches(self.lengths[heldout], self.args.probe_size or self.args.batch_size) \
             if heldout is not None else []
+        lookahead = bool(probes) and self.args.reward == "lookahead"
         status, ema = {"loss": float("nan")}, None
         for epoch in range(start, epochs + 1):
             t, order_state = self.clock(), self.order.get_state()  # (to redraw this epoch's batches on resumption)
@@ -247,7 +248,6 @@ class Loop:
                 if len(b) < self.world:
                     continue  # a last batch too small to give every rank an example
                 idx = train_idx[b].tolist()[self.rank::self.world]  # this rank's share of the batch
-                lookahead = probes and self.args.reward == "lookahead"
                 if probes and (step % self.args.probe_every == 0 or before is None):
                     probe_idx = heldout[probes[(step // self.args.probe_every) % len(probes)]].tolist()
                     before = (self.heldout_grad if lookahead else self.probe)(student, probe_idx)

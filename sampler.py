@@ -15,8 +15,8 @@ where b is the baseline and s a moving root-mean-square of (r_k - b). When every
 on the step's own batch (distill.py's lookahead reward), b = sum_j p_j r_j, the reward expected under
 p on that same batch: what the batch adds to every teacher's reward cancels, and A is the drawn
 teacher's advantage over the team's mix. When only the drawn teacher is measured, b is a moving
-average of past rewards. The full REINFORCE gradient would also push every other theta_j by -lr * A * p_j; the
-single-weight strategy drops those terms. Dividing by s (our variant, switch it off with
+average of past rewards. The full REINFORCE gradient would also push every other theta_j by
+-lr * A * p_j; the single-weight strategy drops those terms. Dividing by s (our variant, switch it off with
 normalize=False) makes lr independent of the reward's units, which shrink as the student learns;
 with momentum m, |A| <= 1 / sqrt(1 - m).
 
