@@ -98,6 +98,11 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
         write_text(os.path.join(dst_dir, task, split + ".tsv"), "".join(l + "\n" for l in head + rows))
 
 
+def portable(text):
+    """text with the home folder written as ~, so that results name no one's machine."""
+    return text.replace(os.path.expanduser("~") + os.sep, "~" + os.sep)
+
+
 def write_text(path, text):
     """Write text under a temporary name, then rename: a kill leaves the old file or the new one."""
     with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
@@ -244,7 +249,7 @@ def report(a, work, runs, autos, scores, seconds, run_s):
               "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
               "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
-    distill.save_json(result, os.path.join(a.out, f"{a.task}.json"))
+    write_text(os.path.join(a.out, f"{a.task}.json"), portable(json.dumps(result, indent=1)))
 
     pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
     cols = list(next(iter(table.values())))
@@ -479,8 +484,8 @@ def speed(a):
               f"of 64 sorted by length: {100 * (result['padding_sorted'] - 1):.1f}% padding tokens, against "
               f"{100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
     tag = "gpu" if DEVICE.type == "cuda" else "cpu"
-    distill.save_json(result, os.path.join(a.out, f"speed-{tag}.json"))
-    write_text(os.path.join(a.out, f"speed-{tag}.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(a.out, f"speed-{tag}.json"), portable(json.dumps(result, indent=1)))
+    write_text(os.path.join(a.out, f"speed-{tag}.md"), portable("\n".join(lines) + "\n"))
     print("\n".join(lines))
     print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
 
