@@ -201,7 +201,7 @@ class Loop:
         i = b.pop("idx")
         names, params = zip(*[(n, p) for n, p in student.named_parameters() if p.requires_grad])  # as in h
         hs = [v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params)]
-        eps = 1e-3 * float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)) / h.norm().clamp_min(1e-12))
+        eps = 1e-4 / float((h * h).sum().clamp_min(1e-12))  # a step along h that moves E by 1e-4
         student.eval()
         with torch.autocast(self.device.type, enabled=False):  # (bf16 would drown the difference)
             z_plus, z_minus = (torch.func.functional_call(student, {n: p.add(v, alpha=s) for n, p, v in zip(

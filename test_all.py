@@ -559,33 +559,42 @@ def tiny_loop(tmp_path, argv, n_train):
 
 
 def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
-    """Every teacher's value against a real small step with its loss, taken from copied weights."""
+    """Every teacher's value against a real small step with its loss, taken from copied weights in float64:
+    on a fresh student, and on one trained until it is confident, where a needlessly wide difference step
+    would leave the linear regime."""
     import copy
     loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
     student = loop.new_student(base)
     torch.manual_seed(1)
     soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
-    heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-2
-    predicted = loop.lookahead(student, idx, soft, loop.heldout_grad(student, heldout), lr).tolist()
-    measured = []
-    for j in range(3):
-        c = copy.deepcopy(student).eval()
-
-        def error():  # what the reward measures: the held-out expected error
+    heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-6
+    inputs = lambda ids: {k: v for k, v in loop.batch(ids).items() if k != "idx"}
+    for trained in (False, True):
+        if trained:
+            opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
+            for _ in range(100):
+                loop.loss(student, list(range(32)), None).backward()
+                opt.step(), opt.zero_grad()
+        h = loop.heldout_grad(student, heldout)
+        predicted = loop.lookahead(student, idx, soft, h, lr).tolist()
+        measured = []
+        for j in range(3):
+            c = copy.deepcopy(student).double().eval()
+            error = lambda: float(kd.expected_error(c(**inputs(heldout)).logits, loop.labels[heldout]))
             with torch.no_grad():
-                logits, i = loop.logits(c, heldout)
-                return float(kd.expected_error(logits, loop.labels[i]))
-
-        before = error()
-        grads = torch.autograd.grad(loop.loss(c, idx, soft[j]), list(c.parameters()))
-        with torch.no_grad():
-            for p, g in zip(c.parameters(), grads):
-                p -= lr * g
-            measured.append(before - error())
-    assert predicted == pytest.approx(measured, rel=0.02)
-    gaps = lambda r: [r[1] - r[0], r[2] - r[0]]  # what the sampler's advantage is made of
-    assert gaps(predicted) == pytest.approx(gaps(measured), rel=0.02)
-    assert len({round(m, 5) for m in measured}) == 3  # the teachers really differ here
+                before = error()
+            loss = kd.kd_loss(c(**inputs(idx)).logits, loop.labels[idx], soft[j][idx].double(), 2.0, 0.5)
+            with torch.no_grad():
+                for p, g in zip(c.parameters(), torch.autograd.grad(loss, list(c.parameters()))):
+                    p -= lr * g
+                measured.append(before - error())
+        assert predicted == pytest.approx(measured, rel=1e-3), trained
+        gaps = lambda r: [r[1] - r[0], r[2] - r[0]]  # what the sampler's advantage is made of
+        assert gaps(predicted) == pytest.approx(gaps(measured), rel=1e-3), trained
+        assert min(abs(g) for g in gaps(measured)) > 1e-3 * max(abs(m) for m in measured)  # the teachers differ
+    with torch.no_grad():  # weights no input uses change nothing, not even the size of the difference step
+        student.bert.embeddings.word_embeddings.weight[4] += 1e4  # [MASK]'s row
+    assert loop.lookahead(student, idx, soft, h, lr).tolist() == pytest.approx(predicted, rel=1e-3)
 
 
 def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
