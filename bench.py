@@ -104,10 +104,7 @@ def portable(text):
 
 
 def write_text(path, text):
-    """Write text under a temporary name, then rename: a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    glue_data.write_atomic(path, lambda f: f.write(text))
 
 
 def run(argv):

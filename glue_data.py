@@ -4,11 +4,16 @@ The paper evaluates on the GLUE benchmark (Wang et al., 2019); this module is ev
 needs to know about it. It expects the standard layout written by the usual download script:
 
     <data_dir>/<TASK>/train.tsv, dev.tsv            (MNLI: dev_matched.tsv and dev_mismatched.tsv)
+
+which this module also writes from the public GLUE copy on the Hugging Face hub (needs `datasets`):
+
+    python glue_data.py --download RTE MRPC [--data_dir glue_data]
 """
+import argparse
+import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -135,14 +140,9 @@ def encode(tokenizer, examples, max_len):
     return {k: list(enc[k]) for k in tokenizer.model_input_names if k in enc}
 
 
-def collate(enc, idx, pad_id):
-    """Pad the examples idx to the longest among them: {name: LongTensor [B, L]}."""
-    length = max(len(enc["input_ids"][i]) for i in idx)
-    batch = {}
-    for name, rows in enc.items():
-        pad = pad_id if name == "input_ids" else 0
-        batch[name] = torch.tensor([rows[i] + [pad] * (length - len(rows[i])) for i in idx])
-    return batch
+def collate(tokenizer, enc, idx):
+    """The examples idx padded to the longest among them: {name: LongTensor [B, L]}."""
+    return dict(tokenizer.pad({k: [rows[i] for i in idx] for k, rows in enc.items()}, return_tensors="pt"))
 
 
 def batches(lengths, batch_size, generator=None, group=50):
@@ -165,19 +165,6 @@ def batches(lengths, batch_size, generator=None, group=50):
 
 def lengths(enc):
     return [len(ids) for ids in enc["input_ids"]]
-
-
-def progress(items, desc, status=None):
-    """Yield items, showing `desc i/n, rate, time left` (and the caller's status dict) on stderr."""
-    n, start, shown = len(items), time.time(), 0.0
-    for i, item in enumerate(items, 1):
-        yield item
-        now = time.time()
-        if now - shown > 1 or i == n:
-            shown, rate = now, i / max(now - start, 1e-9)
-            extra = " ".join(f"{k} {v:.4g}" for k, v in (status or {}).items())
-            print(f"\r{desc} {i}/{n} [{now - start:.0f}s<{(n - i) / rate:.0f}s] {extra}   ",
-                  end="\n" if i == n else "", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -238,3 +225,90 @@ def score(dev_metrics):
     values = [v for split in dev_metrics.values() for v in split.values()]
     return sum(values) / len(values)
 
+
+
+# ---------------------------------------------------------------------------------- files
+def write_atomic(path, write, binary=False):
+    """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one."""
+    with open(path + ".tmp", "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1))
+
+
+# ---------------------------------------------------------------------------------- download
+HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub: its config and text fields per task
+HUB_TASKS = {"CoLA": ("cola", "sentence", None), "SST-2": ("sst2", "sentence", None),
+             "MRPC": ("mrpc", "sentence1", "sentence2"), "STS-B": ("stsb", "sentence1", "sentence2"),
+             "QQP": ("qqp", "question1", "question2"), "MNLI": ("mnli", "premise", "hypothesis"),
+             "QNLI": ("qnli", "question", "sentence"), "RTE": ("rte", "sentence1", "sentence2"),
+             "WNLI": ("wnli", "sentence1", "sentence2")}
+HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
+              "validation_mismatched": "dev_mismatched"}
+# The published files' headers (CoLA has none: source, label, mark, sentence); columns the hub lacks stay empty.
+HEADERS = {"SST-2": "sentence label", "MRPC": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+           "STS-B": "index genre filename year old_index source1 source2 sentence1 sentence2 score",
+           "QQP": "id qid1 qid2 question1 question2 is_duplicate", "QNLI": "index question sentence label",
+           "MNLI": "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+                   "sentence2_parse sentence1 sentence2 label1 gold_label",
+           "RTE": "index sentence1 sentence2 label", "WNLI": "index sentence1 sentence2 label"}
+ONE_LINE = str.maketrans("\t\r\n", "   ")  # a tab or line break inside a field would break the row
+
+
+def hub_to_tsv(task_name, split, records, label_names):
+    """Lines of the published TSV file (header first) for one hub split: records [{field: value}] with
+    the hub's integer labels (label_names: its class names) or STS-B's float scores."""
+    task, (_, field_a, field_b) = get_task(task_name), HUB_TASKS[task_name]
+    header = HEADERS[task_name].split("\t" if "\t" in HEADERS[task_name] else " ") if task.header else None
+    if task_name == "MNLI" and split != "train":  # dev files carry five annotators' labels
+        header = header[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
+    lines = ["\t".join(header)] if header else []
+    for r in records:
+        if task.labels is None:
+            label = f"{r['label']:.3f}"
+        else:
+            name = label_names[r["label"]] if label_names else str(r["label"])
+            label = name if name in task.labels else str(r["label"])  # GLUE writes most labels as 0/1
+        row = dict.fromkeys(header or range(4), "")
+        for column, value in [(task.a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
+                              ("id", r["idx"]), (task.label, label), ("label1", label)]:
+            if column in row and value is not None:
+                row[column] = str(value).translate(ONE_LINE)
+        if not header:  # CoLA: source, label, mark (* when unacceptable), sentence
+            row[0], row[2] = "glue", "" if label == "1" else "*"
+        lines.append("\t".join(row.values()))
+    return lines
+
+
+def download(tasks, data_dir, load_dataset=None):
+    """Write each task's train and dev splits from the hub's GLUE copy in the layout load_task reads."""
+    if load_dataset is None:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise DataError("--download needs the datasets package: pip install datasets") from None
+    for name in tasks:
+        get_task(name)
+        hub = load_dataset(HUB, HUB_TASKS[name][0])
+        os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+        for split, ours in HUB_SPLITS.items():
+            if split in hub:
+                names = getattr(hub[split].features["label"], "names", None)
+                lines = hub_to_tsv(name, ours, hub[split], names)
+                path = os.path.join(data_dir, name, ours + ".tsv")
+                write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
+                print(f"wrote {path}: {len(lines) - bool(get_task(name).header)} examples")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write GLUE tasks from the hub in the standard TSV layout.")
+    p.add_argument("--download", nargs="+", required=True, metavar="TASK", help=", ".join(TASKS))
+    p.add_argument("--data_dir", default="glue_data")
+    a = p.parse_args()
+    try:
+        download(a.download, a.data_dir)
+    except (DataError, OSError) as e:
+        sys.exit(f"error: {e}")

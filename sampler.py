@@ -45,6 +45,7 @@ class TeacherSampler:
         self.baseline, self.var, self.steps = 0.0, 0.0, 0
         self.generator = torch.Generator().manual_seed(seed)
         self.trace, self.rewards = [], []  # p after every update [steps][K]; (k, reward) of every update
+        self.phase1_steps = None            # updates before the first teacher selection
 
     def probs(self):
         """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
@@ -82,14 +83,21 @@ class TeacherSampler:
     def select_teachers(self, keep):
         """Teacher selection after phase-1: keep the `keep` heaviest active teachers.
 
-        Returns the names discarded. Their weight goes to the kept ones, pro rata (see the docstring).
+        Returns the names of every discarded teacher. Their weight goes to the kept ones, pro rata (see
+        the docstring). Selecting again with the same `keep` changes nothing.
         """
         check_keep(keep, sum(self.active))
-        p = self.probs()
-        kept = set(torch.argsort(p, descending=True)[:keep].tolist())
-        discarded = [self.names[i] for i in range(len(self.names)) if self.active[i] and i not in kept]
+        kept = set(torch.argsort(self.probs(), descending=True)[:keep].tolist())
         self.active = [i in kept for i in range(len(self.names))]
-        return discarded
+        self.phase1_steps = self.steps if self.phase1_steps is None else self.phase1_steps
+        return [n for n, on in zip(self.names, self.active) if not on]
+
+    def record(self):
+        """What distribution.json shows of the learning: p after every step of phase-1 and of phase-2,
+        [teacher drawn, reward] of every step, and the teachers selection discarded."""
+        n1 = self.steps if self.phase1_steps is None else self.phase1_steps
+        return {"phase1": self.trace[:n1], "phase2": self.trace[n1:], "rewards": self.rewards,
+                "discarded": [n for n, on in zip(self.names, self.active) if not on]}
 
     # ------------------------------------------------------------------ plain data (JSON-serializable)
     def state_dict(self):
@@ -97,7 +105,7 @@ class TeacherSampler:
                 "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize, "warmup": self.warmup,
                 "baseline": self.baseline, "var": self.var, "steps": self.steps,
                 "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist(),
-                "trace": self.trace, "rewards": self.rewards}
+                "trace": self.trace, "rewards": self.rewards, "phase1_steps": self.phase1_steps}
 
     def load_state_dict(self, state):
         self.names, self.active = list(state["names"]), list(state["active"])
@@ -107,4 +115,5 @@ class TeacherSampler:
         self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.trace, self.rewards = list(state["trace"]), list(state["rewards"])
+        self.phase1_steps = state.get("phase1_steps")
 

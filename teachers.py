@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import transformers
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import glue_data
@@ -99,8 +100,8 @@ def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=Non
     enc = glue_data.encode(tokenizer, examples, max_len)
     out = torch.zeros(len(examples), model.config.num_labels, device=device)
     todo = glue_data.batches(glue_data.lengths(enc), batch_size)[rank::world]  # by length: little padding
-    for idx in glue_data.progress(todo, desc) if desc else todo:
-        batch = {k: v.to(device) for k, v in glue_data.collate(enc, idx, tokenizer.pad_token_id or 0).items()}
+    for idx in tqdm(todo, desc, disable=desc is None, mininterval=1):
+        batch = {k: v.to(device) for k, v in glue_data.collate(tokenizer, enc, idx).items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out[idx] = model(**batch).logits.float()
     if world > 1:
@@ -136,8 +137,7 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
             outputs = teacher_outputs(folder, name, data, max_len, device)
             if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 writes
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save({"key": key, "outputs": outputs}, path + ".tmp")
-                os.replace(path + ".tmp", path)  # a kill leaves the old file or the new one, never half
+                glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
         dev = {s: logits for s, logits in outputs.items() if s != "train"}
         metrics = {s: glue_data.compute_metrics(task_name, dev[s], data[s].labels) for s in dev}
         team.append(Teacher(name, outputs["train"], dev, metrics))

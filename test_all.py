@@ -194,9 +194,9 @@ def test_missing_data(tmp_path):
         glue_data.load_task(str(tmp_path), "sst2")
 
 
-def test_collate_pads_to_longest_in_batch():
+def test_collate_pads_to_longest_in_batch(tiny_bert):
     enc = {"input_ids": [[5, 6], [5, 6, 7, 8], [9]], "attention_mask": [[1, 1], [1, 1, 1, 1], [1]]}
-    batch = glue_data.collate(enc, [0, 2], pad_id=0)
+    batch = glue_data.collate(BertTokenizer.from_pretrained(tiny_bert), enc, [0, 2])  # [PAD] is id 0
     assert batch["input_ids"].tolist() == [[5, 6], [9, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
 
@@ -404,21 +404,21 @@ def test_cache_is_reused_and_invalidated(tiny_teacher, tmp_path, monkeypatch):
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch, tiny_teacher):
     path = str(tmp_path / "metrics.json")
-    distill.save_json({"old": 1}, path)
+    glue_data.write_json(path, {"old": 1})
 
     def dies_midway(obj, f, **k):
         f.write('{"new": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill.json, "dump", dies_midway)
+    monkeypatch.setattr(glue_data.json, "dump", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        distill.save_json({"new": 2}, path)
+        glue_data.write_json(path, {"new": 2})
     assert json.load(open(path)) == {"old": 1}
     monkeypatch.undo()
     write_task(str(tmp_path), "RTE")  # the teacher cache: a kill inside torch.save leaves no cache file
 
-    def save_dies_midway(obj, p):
-        open(p, "wb").write(b"PK\x03")
+    def save_dies_midway(obj, f):
+        f.write(b"PK\x03")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(teachers.torch, "save", save_dies_midway)
@@ -502,11 +502,11 @@ def test_the_order_of_the_team_decides_nothing(workdir):
 def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
     argv = FAST + ["--seed", "3", "--save_every", "2"]
     ref = run(argv + ["--out_dir", "runs/uninterrupted"], workdir)
-    current, calls, real_progress, real_loss = [None], [], glue_data.progress, kd.kd_loss
+    current, calls, real_train, real_loss = [None], [], distill.Loop.train, kd.kd_loss
 
-    def progress(items, desc, status=None):
-        current[0] = desc.split()[0]
-        return real_progress(items, desc, status)
+    def train(self, phase, *a, **k):
+        current[0] = phase
+        return real_train(self, phase, *a, **k)
 
     def loss(*a, **k):  # step 3 of 6 in the phase (probes are losses too): past the step-2 checkpoint
         calls.append(current[0])
@@ -514,7 +514,7 @@ def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(glue_data, "progress", progress)
+    monkeypatch.setattr(distill.Loop, "train", train)
     monkeypatch.setattr(kd, "kd_loss", loss)
     out = os.path.join(workdir, f"runs/killed-{phase}")
     with pytest.raises(KeyboardInterrupt):
@@ -564,19 +564,19 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     would leave the linear regime."""
     import copy
     loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
-    student = loop.new_student(base)
+    student = loop.new_student(base, 1, 40)[0]
     torch.manual_seed(1)
     soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
     heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-6
-    inputs = lambda ids: {k: v for k, v in loop.batch(ids).items() if k != "idx"}
+    inputs, reward = lambda ids: loop.batch(ids)[0], distill.Reward(loop, torch.tensor(heldout), soft)
     for trained in (False, True):
         if trained:
             opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
             for _ in range(100):
                 loop.loss(student, list(range(32)), None).backward()
                 opt.step(), opt.zero_grad()
-        h = loop.heldout_grad(student, heldout)
-        predicted = loop.lookahead(student, idx, soft, h, lr).tolist()
+        h = reward.heldout_grad(student, heldout)
+        predicted = reward.lookahead(student, idx, h, lr).tolist()
         measured = []
         for j in range(3):
             c = copy.deepcopy(student).double().eval()
@@ -594,7 +594,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
         assert min(abs(g) for g in gaps(measured)) > 1e-3 * max(abs(m) for m in measured)  # the teachers differ
     with torch.no_grad():  # weights no input uses change nothing, not even the size of the difference step
         student.bert.embeddings.word_embeddings.weight[4] += 1e4  # [MASK]'s row
-    assert loop.lookahead(student, idx, soft, h, lr).tolist() == pytest.approx(predicted, rel=1e-3)
+    assert reward.lookahead(student, idx, h, lr).tolist() == pytest.approx(predicted, rel=1e-3)
 
 
 def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
@@ -606,7 +606,8 @@ def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
         soft = torch.stack([kd.soft_targets(right, 2.0), kd.soft_targets(-right, 2.0)])  # helpful, harmful
         sampler = TeacherSampler(["helpful", "harmful"], seed=seed)
         split = torch.randperm(400, generator=torch.Generator().manual_seed(seed))
-        distill.phase1(loop, base, soft, sampler, split[40:], split[:40])
+        student, opt, sched = loop.new_student(base, 4 + 1, 360)  # phase-1 and phase-2 share the schedule
+        loop.train("phase1", student, opt, sched, 4, split[40:], soft, sampler, distill.Reward(loop, split[:40], soft))
         assert float(sampler.probs()[0]) > 0.9, (seed, sampler.probs())
         values = torch.tensor([r for _, r in sampler.rewards])  # [steps, K]: every teacher, every step
         assert (values[:, 0] > values[:, 1]).float().mean() > 0.8  # the helpful teacher scores higher
