@@ -1,22 +1,15 @@
 """AutoSKDBERT ("Learn to Stochastically Distill BERT"): the training loop.
 
     python distill.py --task RTE --strategy none --student <name or folder> --out_dir teachers/RTE/<name>
-                                            # plain fine-tuning: makes one teacher of the team
-    python distill.py --task RTE            # phase-1, teacher selection, phase-2, final student
-    torchrun --nproc_per_node=N distill.py --task RTE    # data-parallel: nccl on GPUs, gloo on CPUs
+    python distill.py --task RTE                  # phase-1, teacher selection, phase-2, final student
+    torchrun --nproc_per_node=N distill.py --task RTE      # data-parallel: nccl on GPUs, gloo on CPUs
 
-Read it from main(): the data, the team, each strategy's teaching (setup), then autoskd(): phase-1,
-teacher selection, phase-2, and the final student, the one reported. The step is in Loop.train:
-k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step, the reward, and
-sampler.update(k, reward), which moves theta_k alone (stochastic single-weight optimization).
-
-The reward (class Reward, phases 1-2 only) is measured on a held-out slice of the TRAINING data
-(--heldout, never trained on in phases 1-2); the dev set is for reporting only.
-
-Strategies on the same loop: auto (AutoSKD), uniform (SKD: p uniform and frozen), single (one
-teacher), ensemble (the team's mean soft targets at every step), none (plain fine-tuning). Under
-torchrun each rank takes a share of every batch and DDP averages the gradients; rewards are averaged
-over ranks, so every rank draws the same teacher; rank 0 alone writes.
+The first command fine-tunes one teacher of the team. Read from main(): data, team, each strategy's
+teaching (setup), then autoskd(): phase-1, teacher selection, phase-2 and the final, reported student.
+A step (Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step,
+the reward (class Reward, on held-out TRAINING examples; dev is for reporting only), and
+sampler.update(k, reward), which moves theta_k alone. Under torchrun each rank takes a share of
+every batch, rewards are averaged over ranks so every rank draws the same teacher, rank 0 writes.
 """
 import argparse
 import math

@@ -13,14 +13,11 @@ with REINFORCE: for reward r of a step taken with teacher k, d log p_k / d theta
 
 where b is the baseline and s a moving root-mean-square of (r_k - b). When every teacher j is scored
 on the step's own batch (distill.py's lookahead reward), b = sum_j p_j r_j, the reward expected under
-p on that same batch: what the batch adds to every teacher's reward cancels, and A is the drawn
-teacher's advantage over the team's mix. When only the drawn teacher is measured, b is a moving
-average of past rewards. The full REINFORCE gradient would also push every other theta_j by
--lr * A * p_j; the single-weight strategy drops those terms. Dividing by s (our variant, switch it off with
-normalize=False) makes lr independent of the reward's units, which shrink as the student learns;
-with momentum m, |A| <= 1 / sqrt(1 - m).
-
-With warmup=W, the first W rewards only set b and s (p does not move).
+p on that batch: what the batch adds to every teacher cancels. When only the drawn teacher is
+measured, b is a moving average of past rewards. The full REINFORCE gradient would also move every
+other theta_j by -lr * A * p_j; the single-weight strategy drops those terms. Dividing by s (our
+variant; normalize=False turns it off) frees lr from the reward's units, which shrink as the student
+learns. With warmup=W, the first W rewards only set b and s.
 
 Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
 theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in
@@ -99,21 +96,12 @@ class TeacherSampler:
         return {"phase1": self.trace[:n1], "phase2": self.trace[n1:], "rewards": self.rewards,
                 "discarded": [n for n, on in zip(self.names, self.active) if not on]}
 
-    # ------------------------------------------------------------------ plain data (JSON-serializable)
+    # ------------------------------------------------------------------ plain data (for resume.pt)
     def state_dict(self):
-        return {"names": self.names, "theta": self.theta.tolist(), "active": self.active,
-                "lr": self.lr, "momentum": self.momentum, "normalize": self.normalize, "warmup": self.warmup,
-                "baseline": self.baseline, "var": self.var, "steps": self.steps,
-                "probs": self.probs().tolist(), "generator": self.generator.get_state().tolist(),
-                "trace": self.trace, "rewards": self.rewards, "phase1_steps": self.phase1_steps}
+        state = {k: v for k, v in vars(self).items() if k not in ("theta", "generator")}
+        return state | {"theta": self.theta.tolist(), "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state):
-        self.names, self.active = list(state["names"]), list(state["active"])
+        vars(self).update({k: v for k, v in state.items() if k not in ("theta", "generator")})
         self.theta = torch.tensor(state["theta"], dtype=torch.float64)
-        self.lr, self.momentum, self.normalize = state["lr"], state["momentum"], state["normalize"]
-        self.warmup = state.get("warmup", 0)
-        self.baseline, self.var, self.steps = state["baseline"], state["var"], state["steps"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        self.trace, self.rewards = list(state["trace"]), list(state["rewards"])
-        self.phase1_steps = state.get("phase1_steps")
-

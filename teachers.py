@@ -1,14 +1,10 @@
 """The teacher team: fine-tuned checkpoints checked against the task, their outputs computed once.
 
 Paper: AutoSKDBERT distils from a predefined team of fine-tuned teachers of different capacities.
-Teachers are frozen during distillation, so every teacher's logits on the training data are
-computed ONCE, one teacher in memory at a time, batched and sorted by length, and cached on disk.
-A training step then reads its teacher's soft targets from a tensor instead of running the teacher.
-Each teacher may have its own architecture and tokenizer (anything AutoModelForSequenceClassification
-loads), so it reads the raw text through its own tokenizer.
-
-The cache key hashes the checkpoint's files, the task's data files, the max length and the task, so
-a changed checkpoint, data file or length never reuses a stale cache.
+Teachers are frozen, so each one's logits are computed ONCE (one teacher in memory at a time, in
+batches sorted by length, through its own tokenizer: any AutoModelForSequenceClassification serves)
+and cached on disk under a hash of the checkpoint's files, the data files, the task and the max
+length. A training step reads its teacher's soft targets from a tensor instead of running it.
 """
 import gc
 import hashlib
@@ -113,8 +109,7 @@ def teacher_outputs(folder, name, data, max_len, device):
     """{split: logits} for every split of data, running the teacher once."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
-    outputs = {s: predict(model, tokenizer, ex, max_len, device, desc=f"teacher {name} {s}")
-               for s, ex in data.items()}
+    outputs = {s: predict(model, tokenizer, ex, max_len, device, desc=f"teacher {name} {s}") for s, ex in data.items()}
     del model
     gc.collect()  # one teacher in memory at a time (on GPU its freed blocks serve the next teacher)
     return outputs

@@ -152,6 +152,57 @@ def test_real_glue_files_if_present():
     assert glue_data.load_task(root, "MRPC")["dev"].labels.count(1) == 279  # BOM header read right
 
 
+# The hub's GLUE copy as its dataset card describes it: config, text fields, class names (STS-B: a float
+# score), and the label string each class has in the published TSV files.
+HUB = {"CoLA": ("cola", "sentence", None, ["unacceptable", "acceptable"], ["0", "1"]),
+       "SST-2": ("sst2", "sentence", None, ["negative", "positive"], ["0", "1"]),
+       "MRPC": ("mrpc", "sentence1", "sentence2", ["not_equivalent", "equivalent"], ["0", "1"]),
+       "STS-B": ("stsb", "sentence1", "sentence2", None, None),
+       "QQP": ("qqp", "question1", "question2", ["not_duplicate", "duplicate"], ["0", "1"]),
+       "MNLI": ("mnli", "premise", "hypothesis", ["entailment", "neutral", "contradiction"],
+                ["entailment", "neutral", "contradiction"]),
+       "QNLI": ("qnli", "question", "sentence", ["entailment", "not_entailment"], ["entailment", "not_entailment"]),
+       "RTE": ("rte", "sentence1", "sentence2", ["entailment", "not_entailment"], ["entailment", "not_entailment"]),
+       "WNLI": ("wnli", "sentence1", "sentence2", ["not_entailment", "entailment"], ["0", "1"])}
+
+
+def fake_hub(path, config):
+    """A stand-in for datasets.load_dataset("nyu-mll/glue", config): {split: rows with .features}."""
+    assert path == "nyu-mll/glue"
+    task = next(t for t, h in HUB.items() if h[0] == config)
+    _, fa, fb, names, _ = HUB[task]
+
+    class Split(list):
+        features = {"label": type("ClassLabel", (), {"names": names})() if names else object()}
+
+    def rows(n, test=False):
+        label = lambda i: -1 if test else (round(i * 0.37 % 5, 3) if names is None else i % len(names))
+        return Split([{"idx": i, fa: f"first {i}\tafter a tab", "label": label(i)} | ({fb: f"second\n{i}"} if fb else {})
+                      for i in range(n)])
+    dev = ["validation_matched", "validation_mismatched"] if task == "MNLI" else ["validation"]
+    return {"train": rows(7)} | {s: rows(5) for s in dev} | {"test": rows(4, test=True)}
+
+
+def test_download_writes_the_published_layout(tmp_path, monkeypatch):
+    """glue_data.py --download, offline: hub records become the published TSV files load_task reads."""
+    glue_data.download(list(glue_data.TASKS), str(tmp_path), fake_hub)
+    for task, (_, _, fb, names, published) in HUB.items():
+        data = glue_data.load_task(str(tmp_path), task)
+        assert sorted(os.listdir(tmp_path / task)) == sorted(s + ".tsv" for s in ["train", *glue_data.TASKS[task].dev])
+        head = open(tmp_path / task / "train.tsv").readline().rstrip("\n")
+        assert head == (FORMATS[task][0] or "").lstrip("\ufeff") or (task == "CoLA" and len(head.split("\t")) == 4)
+        if task == "MNLI":
+            assert open(tmp_path / task / "dev_matched.tsv").readline().rstrip("\n") == MNLI_DEV_HEADER
+        ex = data["train"]
+        assert len(ex) == 7 and ex.text_a[3] == "first 3 after a tab" and (fb is None or ex.text_b[3] == "second 3")
+        for i in range(7):
+            want = round(i * 0.37 % 5, 3) if names is None else glue_data.TASKS[task].labels.index(published[i % len(names)])
+            assert ex.labels[i] == want, (task, i)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(glue_data.DataError, match="pip install datasets"):
+        glue_data.download(["RTE"], str(tmp_path))
+
+
 def test_qqp_incomplete_rows_are_skipped(tmp_path):
     folder = write_task(str(tmp_path), "QQP")
     with open(os.path.join(folder, "train.tsv"), "a") as f:
