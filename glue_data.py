@@ -1,11 +1,10 @@
 """GLUE data: the nine tasks read from their published TSV files, tokenized, batched and scored.
 
-The paper evaluates on the GLUE benchmark (Wang et al., 2019); this module is everything the method
-needs to know about it. It expects the standard layout written by the usual download script:
+The paper evaluates on the GLUE benchmark (Wang et al., 2019). Layout (the usual download script's):
 
     <data_dir>/<TASK>/train.tsv, dev.tsv            (MNLI: dev_matched.tsv and dev_mismatched.tsv)
 
-which this module also writes from the public GLUE copy on the Hugging Face hub (needs `datasets`):
+This module writes it from the public GLUE copy on the Hugging Face hub (needs `datasets`):
 
     python glue_data.py --download RTE MRPC [--data_dir glue_data]
 """
@@ -28,7 +27,7 @@ class Task:
     metrics: tuple        # official GLUE metrics
     header: bool = True
     dev: tuple = ("dev",)
-    skip_short_rows: bool = False  # documented tolerance, see QQP below
+    skip_short_rows: bool = False  # QQP: a handful of rows of the public train file miss a question
 
 
 # Columns and labels as the public GLUE files have them.
@@ -37,9 +36,7 @@ TASKS = {
     "SST-2": Task("sentence", None, "label", ["0", "1"], ("accuracy",)),
     "MRPC": Task("#1 String", "#2 String", "Quality", ["0", "1"], ("accuracy", "f1")),
     "STS-B": Task("sentence1", "sentence2", "score", None, ("pearson", "spearman")),
-    # A handful of rows in the public QQP train file miss a question; they are skipped and counted.
-    "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"),
-                skip_short_rows=True),
+    "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"), skip_short_rows=True),
     "MNLI": Task("sentence1", "sentence2", "gold_label", ["contradiction", "entailment", "neutral"],
                  ("accuracy",), dev=("dev_matched", "dev_mismatched")),
     "QNLI": Task("question", "sentence", "label", ["entailment", "not_entailment"], ("accuracy",)),
@@ -70,42 +67,47 @@ def get_task(name):
     return TASKS[name]
 
 
+def load_task(data_dir, task_name):
+    """{"train": Examples, "<dev split>": Examples, ...} for one task."""
+    folder = os.path.join(data_dir, task_name)
+    if not os.path.isdir(folder):
+        get_task(task_name)
+        raise DataError(f"no {task_name} data in {folder}: write it with `python glue_data.py --download "
+                        f"{task_name} --data_dir {data_dir}`, or pass --data_dir")
+    return {split: read_split(os.path.join(folder, split + ".tsv"), task_name)
+            for split in ("train",) + get_task(task_name).dev}
+
+
 def read_split(path, task_name):
-    """Read one labelled TSV file into Examples; a malformed row raises DataError naming file:line."""
+    """Read one labelled TSV file into Examples; a malformed row raises DataError naming file:line.
+
+    utf-8-sig drops the byte-order mark some MRPC files start with; rows are split on tabs only, with
+    no quote handling, since GLUE sentences contain unpaired quote characters."""
     task = get_task(task_name)
     if not os.path.isfile(path):
         raise DataError(f"missing data file {path}")
-    # utf-8-sig drops the byte-order mark that some MRPC files start with; rows are split on tabs
-    # only, with no quote handling, since GLUE sentences contain unpaired quote characters.
     with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = [line.rstrip("\r\n") for line in f]
-    if not any(lines):
+        rows = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1) if line.strip("\r\n")]
+    if not rows:
         raise DataError(f"{path} is empty")
-    header = lines[0].split("\t") if task.header else None
-    rows = [(i + 1, line.split("\t")) for i, line in enumerate(lines) if line][1 if task.header else 0:]
-    width = len(header) if task.header else 4
-
-    def column(name):
-        if not task.header:
-            return name
+    header = rows.pop(0)[1] if task.header else list(range(4))
+    for name in (task.a, task.b or task.a, task.label):
         if name not in header:
             raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
-        return header.index(name)
-
-    ia, ib, il = column(task.a), (column(task.b) if task.b else None), column(task.label)
-    out, skipped = Examples([], [] if task.b else None, []), 0
-    for lineno, row in rows:
-        if len(row) != width:
-            if task.skip_short_rows and len(row) < width:
-                skipped += 1
-                continue
-            raise DataError(f"{path}:{lineno}: expected {width} tab-separated fields, found {len(row)}")
+    ia, il = header.index(task.a), header.index(task.label)
+    ib = header.index(task.b) if task.b else None
+    out = Examples([], [] if task.b else None, [])
+    for n, row in rows:
+        if len(row) < len(header) and task.skip_short_rows:
+            continue  # counted below
+        if len(row) != len(header):
+            raise DataError(f"{path}:{n}: expected {len(header)} tab-separated fields, found {len(row)}")
         out.text_a.append(row[ia])
         if ib is not None:
             out.text_b.append(row[ib])
-        out.labels.append(parse_label(row[il], task, f"{path}:{lineno}"))
-    if skipped:
-        print(f"note: skipped {skipped} incomplete rows of {path} (known defect of the public file)")
+        out.labels.append(parse_label(row[il], task, f"{path}:{n}"))
+    if len(out) < len(rows):
+        print(f"note: skipped {len(rows) - len(out)} incomplete rows of {path} (known defect of the public file)")
     if not len(out):
         raise DataError(f"{path} holds no examples")
     return out
@@ -122,22 +124,15 @@ def parse_label(text, task, where):
     return task.labels.index(text)
 
 
-def load_task(data_dir, task_name):
-    """{"train": Examples, "<dev split>": Examples, ...} for one task."""
-    task = get_task(task_name)
-    folder = os.path.join(data_dir, task_name)
-    if not os.path.isdir(folder):
-        raise DataError(f"no {task_name} data in {folder}: put GLUE there in the standard layout "
-                        f"(<data_dir>/{task_name}/train.tsv, dev.tsv) or pass --data_dir")
-    return {split: read_split(os.path.join(folder, split + ".tsv"), task_name)
-            for split in ("train",) + task.dev}
-
-
-# ---------------------------------------------------------------------------------- tokenization
+# ---------------------------------------------------------------------------------- tokens and batches
 def encode(tokenizer, examples, max_len):
     """Token ids per example, unpadded: {"input_ids": [N][len], "attention_mask": ..., ...}."""
     enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_len)
     return {k: list(enc[k]) for k in tokenizer.model_input_names if k in enc}
+
+
+def lengths(enc):
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def collate(tokenizer, enc, idx):
@@ -161,10 +156,6 @@ def batches(lengths, batch_size, generator=None, group=50):
     if generator is not None:
         out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
     return out
-
-
-def lengths(enc):
-    return [len(ids) for ids in enc["input_ids"]]
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -226,7 +217,6 @@ def score(dev_metrics):
     return sum(values) / len(values)
 
 
-
 # ---------------------------------------------------------------------------------- files
 def write_atomic(path, write, binary=False):
     """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one."""
@@ -240,44 +230,43 @@ def write_json(path, obj):
 
 
 # ---------------------------------------------------------------------------------- download
-HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub: its config and text fields per task
-HUB_TASKS = {"CoLA": ("cola", "sentence", None), "SST-2": ("sst2", "sentence", None),
-             "MRPC": ("mrpc", "sentence1", "sentence2"), "STS-B": ("stsb", "sentence1", "sentence2"),
-             "QQP": ("qqp", "question1", "question2"), "MNLI": ("mnli", "premise", "hypothesis"),
-             "QNLI": ("qnli", "question", "sentence"), "RTE": ("rte", "sentence1", "sentence2"),
-             "WNLI": ("wnli", "sentence1", "sentence2")}
+HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub; per task: its config, its text fields,
+# and the published file's header (columns the hub lacks stay empty; CoLA: source, label, mark, sentence)
+HUB_TASKS = {
+    "CoLA": ("cola", "sentence", None, None),
+    "SST-2": ("sst2", "sentence", None, "sentence label"),
+    "MRPC": ("mrpc", "sentence1", "sentence2", "Quality|#1 ID|#2 ID|#1 String|#2 String"),
+    "STS-B": ("stsb", "sentence1", "sentence2", "index genre filename year old_index source1 source2 "
+                                                "sentence1 sentence2 score"),
+    "QQP": ("qqp", "question1", "question2", "id qid1 qid2 question1 question2 is_duplicate"),
+    "MNLI": ("mnli", "premise", "hypothesis", "index promptID pairID genre sentence1_binary_parse "
+             "sentence2_binary_parse sentence1_parse sentence2_parse sentence1 sentence2 label1 gold_label"),
+    "QNLI": ("qnli", "question", "sentence", "index question sentence label"),
+    "RTE": ("rte", "sentence1", "sentence2", "index sentence1 sentence2 label"),
+    "WNLI": ("wnli", "sentence1", "sentence2", "index sentence1 sentence2 label"),
+}
 HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
               "validation_mismatched": "dev_mismatched"}
-# The published files' headers (CoLA has none: source, label, mark, sentence); columns the hub lacks stay empty.
-HEADERS = {"SST-2": "sentence label", "MRPC": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
-           "STS-B": "index genre filename year old_index source1 source2 sentence1 sentence2 score",
-           "QQP": "id qid1 qid2 question1 question2 is_duplicate", "QNLI": "index question sentence label",
-           "MNLI": "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-                   "sentence2_parse sentence1 sentence2 label1 gold_label",
-           "RTE": "index sentence1 sentence2 label", "WNLI": "index sentence1 sentence2 label"}
-ONE_LINE = str.maketrans("\t\r\n", "   ")  # a tab or line break inside a field would break the row
 
 
 def hub_to_tsv(task_name, split, records, label_names):
     """Lines of the published TSV file (header first) for one hub split: records [{field: value}] with
     the hub's integer labels (label_names: its class names) or STS-B's float scores."""
-    task, (_, field_a, field_b) = get_task(task_name), HUB_TASKS[task_name]
-    header = HEADERS[task_name].split("\t" if "\t" in HEADERS[task_name] else " ") if task.header else None
+    task, (_, field_a, field_b, columns) = get_task(task_name), HUB_TASKS[task_name]
+    header = columns.split("|" if "|" in columns else " ") if columns else None
     if task_name == "MNLI" and split != "train":  # dev files carry five annotators' labels
         header = header[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
     lines = ["\t".join(header)] if header else []
     for r in records:
-        if task.labels is None:
-            label = f"{r['label']:.3f}"
-        else:
-            name = label_names[r["label"]] if label_names else str(r["label"])
-            label = name if name in task.labels else str(r["label"])  # GLUE writes most labels as 0/1
+        label = f"{r['label']:.3f}" if task.labels is None else str(r["label"])
+        if task.labels and label_names and label_names[r["label"]] in task.labels:
+            label = label_names[r["label"]]  # MNLI, QNLI, RTE name their labels; the others write 0/1
         row = dict.fromkeys(header or range(4), "")
         for column, value in [(task.a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
                               ("id", r["idx"]), (task.label, label), ("label1", label)]:
             if column in row and value is not None:
-                row[column] = str(value).translate(ONE_LINE)
-        if not header:  # CoLA: source, label, mark (* when unacceptable), sentence
+                row[column] = " ".join(str(value).split())  # a tab or line break would break the row
+        if not header:  # CoLA: mark is * when unacceptable
             row[0], row[2] = "glue", "" if label == "1" else "*"
         lines.append("\t".join(row.values()))
     return lines
@@ -294,17 +283,15 @@ def download(tasks, data_dir, load_dataset=None):
         get_task(name)
         hub = load_dataset(HUB, HUB_TASKS[name][0])
         os.makedirs(os.path.join(data_dir, name), exist_ok=True)
-        for split, ours in HUB_SPLITS.items():
-            if split in hub:
-                names = getattr(hub[split].features["label"], "names", None)
-                lines = hub_to_tsv(name, ours, hub[split], names)
-                path = os.path.join(data_dir, name, ours + ".tsv")
-                write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
-                print(f"wrote {path}: {len(lines) - bool(get_task(name).header)} examples")
+        for split in [s for s in HUB_SPLITS if s in hub]:
+            lines = hub_to_tsv(name, HUB_SPLITS[split], hub[split], getattr(hub[split].features["label"], "names", None))
+            path = os.path.join(data_dir, name, HUB_SPLITS[split] + ".tsv")
+            write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
+            print(f"wrote {path}: {len(lines) - bool(get_task(name).header)} examples")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Write GLUE tasks from the hub in the standard TSV layout.")
+    p = argparse.ArgumentParser(description="Write GLUE tasks from the hub's copy in the standard TSV layout.")
     p.add_argument("--download", nargs="+", required=True, metavar="TASK", help=", ".join(TASKS))
     p.add_argument("--data_dir", default="glue_data")
     a = p.parse_args()
