@@ -74,6 +74,10 @@ def parse_args(argv=None):
 
 def main(args):
     t0 = time.time()
+    metrics = os.path.join(args.out_dir, "metrics.json")
+    if args.resume and os.path.isfile(metrics) and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
+        print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
+        return
     data = glue_data.load_task(args.data_dir, args.task)
     names, base = resolve_team(args)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
@@ -157,6 +161,8 @@ class Loop:
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
         check_writable(args.out_dir, self.rank)
         self.resume = load_checkpoint(self.resume_path, args) if args.resume else None
+        if self.resume and self.resume["world"] != self.world:
+            raise ValueError(f"{self.resume_path} was written by {self.resume['world']} processes: resume with as many")
         self.history = self.resume["history"] if self.resume else []  # dev metrics after every epoch
 
     def new_student(self, base, epochs, n_train):
@@ -260,9 +266,12 @@ class Loop:
     # ------------------------------------------------------------------ resume: all of it
     def checkpoint(self, parts, **where):
         """Everything --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
+        rng = [torch.get_rng_state()] * self.world  # each rank's own (its dropout masks differ)
+        if self.world > 1:
+            dist.all_gather_object(rng, torch.get_rng_state())
         if self.rank == 0:
             state = where | {n: p.state_dict() for n, p in parts.items() if p is not None} | {
-                "rng": torch.get_rng_state(), "history": self.history, "args": vars(self.args)}
+                "rng": rng, "world": self.world, "history": self.history, "args": vars(self.args)}
             glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
 
     def restore(self, phase, parts):
@@ -278,7 +287,7 @@ class Loop:
         for name, part in parts.items():
             if part is not None:
                 part.load_state_dict(r[name])
-        self.order.set_state(r["order"]), torch.set_rng_state(r["rng"])
+        self.order.set_state(r["order"]), torch.set_rng_state(r["rng"][self.rank])
         self.resume = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
@@ -289,7 +298,11 @@ def load_checkpoint(path, args):
     if not os.path.isfile(path):
         print(f"note: nothing to resume in {args.out_dir}; starting afresh")
         return None
-    r = torch.load(path, weights_only=True)
+    try:
+        r = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without --resume to start afresh, "
+                         f"or delete it") from None
     other = [k for k, v in r["args"].items() if k not in ("resume", "save_every") and vars(args).get(k) != v]
     if other:
         raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
@@ -426,7 +439,11 @@ def save(loop, student, team, sampler):
     a, out = loop.args, loop.args.out_dir
     tmp = os.path.join(out, ".student.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp), loop.tokenizer.save_pretrained(tmp)
+    try:
+        student.save_pretrained(tmp), loop.tokenizer.save_pretrained(tmp)
+    except Exception as e:  # a full disk: the student there before, if any, is left whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the student to {out} ({e}); the files there are unchanged") from None
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(out, f))
     os.rmdir(tmp)

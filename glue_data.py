@@ -219,9 +219,15 @@ def score(dev_metrics):
 
 # ---------------------------------------------------------------------------------- files
 def write_atomic(path, write, binary=False):
-    """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-        write(f)
+    """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one.
+    A write that fails (a full disk) leaves the old file too, and raises OSError naming path."""
+    try:
+        with open(path + ".tmp", "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+    except Exception as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise OSError(f"could not write {path} ({e}); the file there before, if any, is unchanged") from None
     os.replace(path + ".tmp", path)
 
 

@@ -3,20 +3,20 @@
 Paper: the student is a small BERT that learns, at every step, from ONE teacher's soft targets mixed
 with the hard labels (Hinton et al.'s KD loss). Here:
 
-    student   any checkpoint AutoModelForSequenceClassification loads (a hub name or a local folder),
-              cut to its BOTTOM `num_layers` transformer layers. Bottom, because dropping the top
-              layers was the best of the simple strategies compared by Sajjad et al. ("On the effect of
-              dropping layers of pre-trained transformer models"): the lower layers hold the general
-              features and the top ones are the most task-specific, so fine-tuning re-learns them best.
-    loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)
-              where x_T = softmax(logits / T); the T^2 keeps the soft gradients' scale independent of T.
-              STS-B (regression, one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
+    student   any checkpoint AutoModelForSequenceClassification loads, cut to its BOTTOM layers: the
+              best simple strategy in Sajjad et al., "On the effect of dropping layers of pre-trained
+              transformer models" (the top layers are the most task-specific; fine-tuning re-learns them).
+    loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
+              x_T = softmax(logits / T); T^2 keeps the soft gradients' scale independent of T.
+              STS-B (one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
 """
 import os
+import zipfile
 
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import safe_open  # comes with transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 transformers.logging.set_verbosity_error()  # the dropped layers and the new head are expected
@@ -24,12 +24,9 @@ transformers.logging.disable_progress_bar()
 
 
 def build_student(name_or_dir, labels, num_layers=None, task=None):
-    """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) + a new head.
-
-    labels: the task's label names in output order, or None for a regression task (one output).
-    The config records the task and the checkpoint it came from, so a fine-tuned student can later
-    serve as a teacher and name its base model.
-    """
+    """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) and a new head for
+    labels (the task's label names in output order; None: regression, one output). The config records
+    the task and the base checkpoint, so a fine-tuned student can serve as a teacher."""
     num_layers = layers_to_keep(name_or_dir, num_layers)
     names = labels or ["score"]
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -52,7 +49,25 @@ def layers_to_keep(name_or_dir, num_layers=None):
     num_layers = num_layers or have
     if not 1 <= num_layers <= have:
         raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers (choose 1 to {have})")
+    if os.path.isdir(name_or_dir):
+        check_weights(name_or_dir)
     return num_layers
+
+
+def check_weights(folder):
+    """Stop with one sentence when a checkpoint folder's weights file is damaged (an interrupted copy,
+    a full disk): the safetensors header must cover the file, a .bin zip must have its directory."""
+    for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        try:
+            if f.endswith(".safetensors"):
+                with safe_open(path, "pt") as st:
+                    st.keys()
+            elif f.endswith(".bin"):
+                zipfile.ZipFile(path).close()
+        except Exception as e:
+            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): copy or make the checkpoint "
+                             f"again") from None
 
 
 def soft_targets(teacher_logits, T):
@@ -61,18 +76,13 @@ def soft_targets(teacher_logits, T):
 
 
 def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
-    """Distillation loss for a batch.
-
-    student_logits [B, C] (regression: [B, 1]); labels [B]; targets: soft_targets() of the teacher
-    [B, C] (regression: the teacher's prediction [B, 1]), or None for plain fine-tuning.
-    """
-    if student_logits.shape[-1] == 1:
-        hard = F.mse_loss(student_logits[:, 0], labels.float())
-    else:
-        hard = F.cross_entropy(student_logits, labels)
+    """Distillation loss of a batch: student_logits [B, C] (regression: [B, 1]); labels [B]; targets:
+    the teacher's soft_targets() [B, C] (regression: its prediction [B, 1]), or None (labels alone)."""
+    regression = student_logits.shape[-1] == 1
+    hard = F.mse_loss(student_logits[:, 0], labels.float()) if regression else F.cross_entropy(student_logits, labels)
     if targets is None or alpha == 0:
         return hard
-    if student_logits.shape[-1] == 1:
+    if regression:
         soft = F.mse_loss(student_logits, targets)
     else:  # KL(p_teacher || p_student), mean over the batch, times T^2
         soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T

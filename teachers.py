@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import glue_data
+from model import check_weights
 
 transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
@@ -31,7 +32,6 @@ class TeamError(ValueError):
 class Teacher:
     name: str
     train: torch.Tensor  # [N, C] logits on the training set (regression: [N, 1])
-    dev: dict            # {dev split: [M, C] logits}
     dev_metrics: dict    # {dev split: {metric: value}}
 
 
@@ -65,6 +65,7 @@ def check_teacher(name, folder, task_name):
     want = len(labels) if labels else 1
     if config.num_labels != want:
         raise TeamError(f"teacher {name} has {config.num_labels} outputs; {task_name} needs {want}")
+    check_weights(folder)
     theirs = [str(config.id2label[i]).lower() for i in range(want)]
     ours = [l.lower() for l in labels or ["score"]]
     # Names like LABEL_0 or NEGATIVE say nothing about our order; the same names in another order do.
@@ -88,10 +89,8 @@ def fingerprint(folder, task_name, data_dir, splits, max_len):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=None):
-    """Model outputs for examples in their original order: [N, C] float32.
-
-    Under torch.distributed, each rank runs every world-th batch and the sum over ranks fills in the rest.
-    """
+    """Model outputs for examples in their original order, [N, C] float32. Under torch.distributed each
+    rank runs every world-th batch and the sum over ranks fills in the rest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     enc = glue_data.encode(tokenizer, examples, max_len)
     out = torch.zeros(len(examples), model.config.num_labels, device=device)
@@ -133,9 +132,8 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
             if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 writes
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
-        dev = {s: logits for s, logits in outputs.items() if s != "train"}
-        metrics = {s: glue_data.compute_metrics(task_name, dev[s], data[s].labels) for s in dev}
-        team.append(Teacher(name, outputs["train"], dev, metrics))
+        metrics = {s: glue_data.compute_metrics(task_name, out, data[s].labels) for s, out in outputs.items() if s != "train"}
+        team.append(Teacher(name, outputs["train"], metrics))
         shown = ", ".join(f"{s} {m} {v:.4f}" for s, ms in metrics.items() for m, v in ms.items())
         print(f"teacher {name}: {shown}")
     return team

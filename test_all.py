@@ -599,6 +599,103 @@ def test_resume_refuses_other_flags(workdir, monkeypatch):
         run(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
 
 
+def one_error_line(code, err, pattern):
+    """A run that stopped as bad input does: non-zero, no traceback, one `error:` line matching pattern."""
+    assert code != 0 and "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and __import__("re").search(pattern, lines[0]), err
+
+
+def test_damaged_files_end_in_one_line(workdir, tmp_path):
+    """A truncated resume.pt, teacher or student checkpoint: one line naming the file, nothing else touched."""
+    import shutil
+    out = os.path.join(workdir, "runs/damaged-resume")
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "resume.pt"), "wb").write(b"PK\x03\x04 half a checkpoint")
+    one_error_line(*cli(FAST + ["--out_dir", "runs/damaged-resume", "--resume"], workdir),
+                   r"runs/damaged-resume/resume.pt is damaged .*: rerun without --resume to start afresh, or delete it")
+    assert os.listdir(out) == ["resume.pt"]
+    cut = str(tmp_path / "cut")
+    shutil.copytree(os.path.join(workdir, "teachers/RTE/small"), cut)
+    weights = os.path.join(cut, "model.safetensors")
+    open(weights, "wb").write(open(weights, "rb").read()[:3000])  # an interrupted copy
+    for extra in (["--teachers", "teachers/RTE/big", cut], ["--student", cut]):
+        one_error_line(*cli(FAST + extra + ["--out_dir", "runs/damaged", "--cache_dir", "no_cache"], workdir),
+                       f"{weights} is damaged .*: copy or make the checkpoint again")
+        assert not os.path.exists(os.path.join(workdir, "no_cache")) and not os.path.exists(os.path.join(workdir, "runs/damaged/metrics.json"))
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_old_one(workdir, monkeypatch, tmp_path):
+    import errno
+    import transformers
+
+    def full(obj, f, *a, **k):  # writes a little, then the disk is full
+        f.write(b"PK" if "b" in f.mode else "{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = str(tmp_path / "x.pt")
+    glue_data.write_atomic(path, lambda f: torch.save({"old": 1}, f), binary=True)
+    with pytest.raises(OSError, match=r"could not write .*x\.pt \(\[Errno 28\] No space left on device\)"):
+        glue_data.write_atomic(path, lambda f: full(None, f), binary=True)
+    assert torch.load(path) == {"old": 1} and os.listdir(tmp_path) == ["x.pt"]
+    out = os.path.join(workdir, "runs/full-disk")
+    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk"], workdir)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("metrics.json", "model.safetensors")}
+    monkeypatch.setattr(glue_data.json, "dump", full)  # metrics.json
+    with pytest.raises(OSError, match=r"could not write runs/full-disk/metrics\.json \(\[Errno 28\]"):
+        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "1"], workdir)
+    assert open(os.path.join(out, "metrics.json"), "rb").read() == before["metrics.json"]
+    monkeypatch.undo()
+    student = open(os.path.join(out, "model.safetensors"), "rb").read()  # (the seed-1 run's, written before)
+
+    def save_half(self, folder, **k):  # the student's weights, cut short by a full disk
+        os.makedirs(folder, exist_ok=True)
+        full(None, open(os.path.join(folder, "model.safetensors"), "wb"))
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_half)
+    with pytest.raises(OSError, match=r"could not write the student to runs/full-disk \(\[Errno 28\]"):
+        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "2"], workdir)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == student
+    assert not [f for f in os.listdir(out) if "tmp" in f]
+
+
+def test_resume_of_a_finished_run_leaves_it_alone(workdir, capsys):
+    out = os.path.join(workdir, "runs/finished")
+    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished"], workdir)
+    stamps = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished", "--resume"], workdir)
+    assert "holds a finished run" in capsys.readouterr().out
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == stamps
+
+
+def test_torchrun_resumes_a_killed_run(workdir, tmp_path):
+    """2 gloo ranks killed in phase-1 go on from rank 0's checkpoint and end where an uninterrupted
+    torchrun run ends (dropout on: each rank's own random state must come back)."""
+    argv = FAST + ["--save_every", "2"]
+    killed = tmp_path / "killed.py"
+    killed.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, model\nreal, calls = model.kd_loss, []\n"
+                      "def loss(*a, **k):\n    calls.append(1)\n    if len(calls) == 8:  # phase-1 step 3\n"
+                      "        raise KeyboardInterrupt\n    return real(*a, **k)\n"
+                      "model.kd_loss = loss\ndistill.main(distill.parse_args())\n")
+
+    def torchrun(script, extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               script] + argv + extra, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=600)
+    assert torchrun(os.path.join(HERE, "distill.py"), ["--out_dir", "runs/tr-whole"]).returncode == 0
+    assert torchrun(str(killed), ["--out_dir", "runs/tr-killed"]).returncode != 0
+    out = os.path.join(workdir, "runs/tr-killed")
+    assert os.path.exists(os.path.join(out, "resume.pt")) and not os.path.exists(os.path.join(out, "metrics.json"))
+    p = torchrun(os.path.join(HERE, "distill.py"), ["--out_dir", "runs/tr-killed", "--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    read = lambda d, f: json.load(open(os.path.join(workdir, d, f)))
+    assert read("runs/tr-killed", "metrics.json")["history"] == read("runs/tr-whole", "metrics.json")["history"]
+    assert read("runs/tr-killed", "distribution.json") == read("runs/tr-whole", "distribution.json")
+    a, b = (AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, d)).state_dict()
+            for d in ("runs/tr-killed", "runs/tr-whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def tiny_loop(tmp_path, argv, n_train):
     """A distill.Loop on a synthetic RTE (the label is whether 'good' is in the first sentence) and a
     tiny student checkpoint without dropout: (loop, checkpoint folder)."""
