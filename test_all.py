@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from a hub; CLI subprocesses inherit it
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fastest, and steady on a busy machine
 
 import numpy as np
 import pytest
