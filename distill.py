@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
     p.add_argument("--resume", action="store_true", help="continue a killed run from <out_dir>/resume.pt")
     p.add_argument("--save_every", type=int, default=500, help="steps between resume checkpoints (and every epoch end)")
+    p.add_argument("--predict_test", action="store_true", help="write the final student's test predictions for GLUE")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or f"runs/{args.task}-{args.strategy}-seed{args.seed}"
     for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
@@ -79,6 +80,7 @@ def main(args):
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
         return
     data = glue_data.load_task(args.data_dir, args.task)
+    test = glue_data.load_test(args.data_dir, args.task) if args.predict_test else {}  # a bad row stops us now
     names, base = resolve_team(args)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
@@ -91,9 +93,12 @@ def main(args):
     loop.timings["teachers_s"] = time.time() - t0
     soft, sampler = setup(args, team, loop.device)
     student = autoskd(loop, base, soft, sampler, keep)
+    student.eval()
+    test = {s: glue_data.label_texts(args.task, team_lib.predict(student, tokenizer, ex, args.max_seq_len, loop.device))
+            for s, ex in test.items()}  # (every rank takes part)
     loop.timings["total_s"] = time.time() - t0
     if loop.rank == 0:  # rank 0 writes
-        save(loop, student, team, sampler)
+        save(loop, student, team, sampler, test)
 
 
 def setup(args, team, device):
@@ -434,8 +439,9 @@ def check_writable(out_dir, rank):
         raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror})") from None
 
 
-def save(loop, student, team, sampler):
-    """The student (save_pretrained), metrics.json and distribution.json, each written whole or not at all."""
+def save(loop, student, team, sampler, test):
+    """The student (save_pretrained) and its model card, metrics.json, distribution.json and the test
+    predictions, each written whole or not at all."""
     a, out = loop.args, loop.args.out_dir
     tmp = os.path.join(out, ".student.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -452,15 +458,38 @@ def save(loop, student, team, sampler):
         "task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev, "score": glue_data.score(dev),
         "history": loop.history, "timings": loop.timings, "teachers": {t.name: t.dev_metrics for t in team},
         "args": vars(a)})
+    names = [t.name for t in team]
+    final = (sampler.probs().tolist() if sampler else [1 / len(team)] * len(team)) if team else []
     if team:
-        names = [t.name for t in team]
-        final = sampler.probs().tolist() if sampler else [1 / len(team)] * len(team)
         record = {"teachers": names, "final": final} | (sampler.record() if a.strategy == "auto" else {})
         glue_data.write_json(os.path.join(out, "distribution.json"), record)
         print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, final)))
+    glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(model_card(a, student, dev, names, final)))
+    for split, labels in test.items():  # the GLUE server's format: MNLI-m.tsv, RTE.tsv, ...
+        path = os.path.join(out, glue_data.test_files(a.task)[split] + ".tsv")
+        glue_data.write_atomic(path, lambda f: f.write("index\tprediction\n" + "".join(f"{i}\t{y}\n" for i, y in enumerate(labels))))
+        print(f"wrote {path}: {len(labels)} test predictions")
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
     print(f"done in {loop.timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {out}")
+
+
+def model_card(a, student, dev, teachers, final):
+    """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was distilled."""
+    base, name = student.config.base_model, os.path.basename(os.path.normpath(a.out_dir))
+    splits = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+    results = "".join(f"  - task: {{type: text-classification}}\n    dataset: {{name: GLUE {a.task}, type: "
+                      f"{glue_data.HUB}, config: {glue_data.HUB_TASKS[a.task][0]}, split: {splits[s]}}}\n    metrics:\n"
+                      + "".join(f"    - {{type: {m}, value: {v:.4f}}}\n" for m, v in ms.items()) for s, ms in dev.items())
+    team = ", ".join(f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)) or "none"
+    return (f"---\nlibrary_name: transformers\npipeline_tag: text-classification\ndatasets: [{glue_data.HUB}]\n"
+            f"tags: [knowledge-distillation, autoskdbert]\n" + (f"base_model: {base}\n" if not os.path.isabs(base) else "")
+            + f"model-index:\n- name: {name}\n  results:\n{results}---\n\n# {name}\n\n"
+            f"The bottom {student.config.num_hidden_layers} transformer layer(s) of `{os.path.basename(base)}`, trained "
+            f"on GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy {a.strategy}` "
+            f"(temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, lr {a.lr}, seed {a.seed}).\n\n"
+            f"Teachers, with the final sampling distribution: {team}.\n\nDev: " + "; ".join(
+                f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()) + ".\n")
 
 
 if __name__ == "__main__":

@@ -78,39 +78,57 @@ def load_task(data_dir, task_name):
             for split in ("train",) + get_task(task_name).dev}
 
 
-def read_split(path, task_name):
-    """Read one labelled TSV file into Examples; a malformed row raises DataError naming file:line.
-
-    utf-8-sig drops the byte-order mark some MRPC files start with; rows are split on tabs only, with
-    no quote handling, since GLUE sentences contain unpaired quote characters."""
+def read_split(path, task_name, labelled=True):
+    """Read one TSV file into Examples (labels None when not labelled: a test file); a malformed row
+    raises DataError naming file:line. utf-8-sig drops the byte-order mark some MRPC files start with;
+    rows are split on tabs only, with no quote handling: GLUE sentences hold unpaired quotes."""
     task = get_task(task_name)
+    a, label = (task.a, task.label) if labelled else (task.a if task.header else "sentence", None)  # (CoLA test)
     if not os.path.isfile(path):
         raise DataError(f"missing data file {path}")
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1) if line.strip("\r\n")]
     if not rows:
         raise DataError(f"{path} is empty")
-    header = rows.pop(0)[1] if task.header else list(range(4))
-    for name in (task.a, task.b or task.a, task.label):
+    header = rows.pop(0)[1] if task.header or not labelled else list(range(4))
+    for name in (a, task.b or a, label or a):
         if name not in header:
             raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
-    ia, il = header.index(task.a), header.index(task.label)
-    ib = header.index(task.b) if task.b else None
+    ia, ib = header.index(a), (header.index(task.b) if task.b else None)
     out = Examples([], [] if task.b else None, [])
     for n, row in rows:
-        if len(row) < len(header) and task.skip_short_rows:
+        if len(row) < len(header) and task.skip_short_rows and labelled:
             continue  # counted below
         if len(row) != len(header):
             raise DataError(f"{path}:{n}: expected {len(header)} tab-separated fields, found {len(row)}")
         out.text_a.append(row[ia])
         if ib is not None:
             out.text_b.append(row[ib])
-        out.labels.append(parse_label(row[il], task, f"{path}:{n}"))
+        out.labels.append(parse_label(row[header.index(label)], task, f"{path}:{n}") if label else None)
     if len(out) < len(rows):
         print(f"note: skipped {len(rows) - len(out)} incomplete rows of {path} (known defect of the public file)")
     if not len(out):
         raise DataError(f"{path} holds no examples")
     return out
+
+
+def load_test(data_dir, task_name):
+    """{test split: Examples without labels}: test.tsv (MNLI: test_matched.tsv, test_mismatched.tsv)."""
+    return {split: read_split(os.path.join(data_dir, task_name, split + ".tsv"), task_name, labelled=False)
+            for split in test_files(task_name)}
+
+
+def test_files(task_name):
+    """{test split: the name of its predictions file for the GLUE server}."""
+    return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"} if task_name == "MNLI" else {"test": task_name}
+
+
+def label_texts(task_name, logits):
+    """Model outputs [N, C] as the task's label strings (STS-B: [N, 1], the score clipped to [0, 5])."""
+    labels = get_task(task_name).labels
+    if labels is None:
+        return [f"{min(max(v, 0.0), 5.0):.3f}" for v in logits[:, 0].tolist()]
+    return [labels[i] for i in logits.argmax(-1).tolist()]
 
 
 def parse_label(text, task, where):

@@ -48,6 +48,20 @@ FORMATS = {
     "RTE": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, l: f"{i}\t{a}\t{b}\t{l}"),
     "WNLI": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, l: f"{i}\t{a}\t{b}\t{l}"),
 }
+# The published test files: no label, and CoLA's has a header.
+TEST_FORMATS = {
+    "CoLA": ("index\tsentence", lambda i, a, b: f"{i}\t{a}"), "SST-2": ("index\tsentence", lambda i, a, b: f"{i}\t{a}"),
+    "MRPC": ("index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, a, b: f"{i}\t{1000 + i}\t{2000 + i}\t{a}\t{b}"),
+    "STS-B": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
+              lambda i, a, b: f"{i}\tmain-news\theadlines\t2015\t{i:04d}\tnone\tnone\t{a}\t{b}"),
+    "QQP": ("id\tquestion1\tquestion2", lambda i, a, b: f"{i}\t{a}\t{b}"),
+    "MNLI": ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+             "sentence2_parse\tsentence1\tsentence2",
+             lambda i, a, b: f"{i}\t{i}\t{i}n\tslate\t( {a} )\t( {b} )\t(ROOT {a})\t(ROOT {b})\t{a}\t{b}"),
+    "QNLI": ("index\tquestion\tsentence", lambda i, a, b: f"{i}\t{a}\t{b}"),
+    "RTE": ("index\tsentence1\tsentence2", lambda i, a, b: f"{i}\t{a}\t{b}"),
+    "WNLI": ("index\tsentence1\tsentence2", lambda i, a, b: f"{i}\t{a}\t{b}"),
+}
 MNLI_DEV_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
                    "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\t"
                    "label4\tlabel5\tgold_label")
@@ -75,6 +89,10 @@ def write_task(root, task, n_train=64, n_dev=24):
         lines = [fmt(i, *row) + ("\t" + row[2]) * extra for i, row in enumerate(make_rows(task, n, seed=k))]
         with open(os.path.join(folder, split + ".tsv"), "w", encoding="utf-8", newline="") as f:
             f.write("".join(line + "\n" for line in ([head] if head else []) + lines))
+    head, fmt = TEST_FORMATS[task]
+    for k, split in enumerate(["test_matched", "test_mismatched"] if task == "MNLI" else ["test"]):
+        lines = [fmt(i, a, b) for i, (a, b, _) in enumerate(make_rows(task, n_dev - 3 - k, seed=10 + k))]
+        open(os.path.join(folder, split + ".tsv"), "w").write("".join(line + "\n" for line in [head] + lines))
     return folder
 
 
@@ -202,6 +220,26 @@ def test_download_writes_the_published_layout(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(glue_data.DataError, match="pip install datasets"):
         glue_data.download(["RTE"], str(tmp_path))
+
+
+@pytest.mark.parametrize("task", list(glue_data.TASKS))
+def test_every_task_loads_its_published_test_format(glue_dir, task):
+    test = glue_data.load_test(glue_dir, task)
+    splits = ["test_matched", "test_mismatched"] if task == "MNLI" else ["test"]
+    assert list(test) == splits
+    for k, split in enumerate(splits):
+        rows = make_rows(task, 24 - 3 - k, seed=10 + k)
+        ex = test[split]
+        assert len(ex) == len(rows) and ex.text_a[4] == rows[4][0] and set(ex.labels) == {None}
+        assert ex.text_b is None if task in ("CoLA", "SST-2") else ex.text_b[4] == rows[4][1]
+    path = os.path.join(glue_dir, task, splits[0] + ".tsv")
+    good = open(path).read()
+    try:
+        open(path, "a").write("99\tcut short\n" if task not in ("CoLA", "SST-2") else "99\n")
+        with pytest.raises(glue_data.DataError, match=rf"{splits[0]}\.tsv:{len(good.splitlines()) + 1}: expected"):
+            glue_data.load_test(glue_dir, task)
+    finally:
+        open(path, "w").write(good)
 
 
 def test_qqp_incomplete_rows_are_skipped(tmp_path):
@@ -532,6 +570,37 @@ def test_distill_end_to_end(workdir, strategy):
         assert len(dist["rewards"]) == 12 and dist["rewards"][0][0] in (0, 1)
     student = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, out))
     assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
+
+
+@pytest.mark.parametrize("task", ["RTE", "MNLI", "STS-B", "CoLA"])
+def test_predict_test_writes_glue_server_files_and_a_model_card(glue_dir, tiny_bert, tmp_path, task):
+    """--predict_test: one file per test split named as the GLUE server expects, `index<TAB>prediction`, one
+    row per test example in file order; the output folder loads as a transformers pipeline."""
+    import yaml
+    from transformers import pipeline
+    out = str(tmp_path / "out")
+    m = run(["--task", task, "--data_dir", glue_dir, "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
+             "--epochs", "1", "--predict_test", "--out_dir", out], str(tmp_path))
+    files = {"RTE": ["RTE.tsv"], "MNLI": ["MNLI-m.tsv", "MNLI-mm.tsv"], "STS-B": ["STS-B.tsv"], "CoLA": ["CoLA.tsv"]}[task]
+    tests = glue_data.load_test(glue_dir, task)
+    for name, ex in zip(files, tests.values()):
+        lines = open(os.path.join(out, name)).read().splitlines()
+        assert lines[0] == "index\tprediction" and [l.split("\t")[0] for l in lines[1:]] == [str(i) for i in range(len(ex))]
+        labels = [l.split("\t")[1] for l in lines[1:]]
+        if task == "STS-B":
+            assert all(0 <= float(y) <= 5 and len(y.split(".")[1]) == 3 for y in labels)
+            continue
+        assert set(labels) <= set(glue_data.TASKS[task].labels)
+        pipe = pipeline("text-classification", model=out)
+        inputs = [{"text": a, "text_pair": b} for a, b in zip(ex.text_a, ex.text_b)] if ex.text_b else ex.text_a
+        assert [r["label"] for r in pipe(inputs)] == labels  # transformers' own pipeline agrees, label names and all
+    card = open(os.path.join(out, "README.md")).read()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "transformers"
+    reported = [(r["dataset"]["split"], x["type"], x["value"]) for r in front["model-index"][0]["results"] for x in r["metrics"]]
+    splits = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+    assert reported == [(splits[s], k, pytest.approx(v, abs=1e-4)) for s, ms in m["dev"].items() for k, v in ms.items()]
+    assert f"GLUE {task}" in card and "--strategy none" in card
 
 
 def test_single_teacher_and_seeded_repeat(workdir):
