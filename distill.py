@@ -166,8 +166,8 @@ class Loop:
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
         check_writable(args.out_dir, self.rank)
         self.resume = load_checkpoint(self.resume_path, args) if args.resume else None
-        if self.resume and self.resume["world"] != self.world:
-            raise ValueError(f"{self.resume_path} was written by {self.resume['world']} processes: resume with as many")
+        if self.resume and self.resume.get("world", 1) != self.world:
+            raise ValueError(f"{self.resume_path} was written by {self.resume.get('world', 1)} processes: resume with as many")
         self.history = self.resume["history"] if self.resume else []  # dev metrics after every epoch
 
     def new_student(self, base, epochs, n_train):
