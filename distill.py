@@ -333,7 +333,7 @@ class Reward:
     """
 
     def __init__(self, loop, heldout, soft):
-        self.loop, self.heldout, self.soft, self.lookahead_ = loop, heldout, soft, loop.args.reward == "lookahead"
+        self.loop, self.heldout, self.soft, self.is_lookahead = loop, heldout, soft, loop.args.reward == "lookahead"
         self.probes = glue_data.batches(loop.lengths[heldout], loop.args.probe_size or loop.args.batch_size)
         self.state = None  # h [P] (lookahead) or the held-out loss (step): what the next reward needs
 
@@ -343,13 +343,13 @@ class Reward:
 
     def before(self, student, idx, step, lr):
         if step % self.loop.args.probe_every == 0 or self.state is None:
-            self.state = (self.heldout_grad if self.lookahead_ else self.heldout_loss)(student, self.probe(step))
-        if self.lookahead_:
+            self.state = (self.heldout_grad if self.is_lookahead else self.heldout_loss)(student, self.probe(step))
+        if self.is_lookahead:
             self.values = self.lookahead(student, idx, self.state, lr).tolist()  # [K]
 
     def after(self, student, step):
         """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step)."""
-        if self.lookahead_:
+        if self.is_lookahead:
             return self.values
         loss = self.heldout_loss(student, self.probe(step))
         reward, self.state = self.state - loss, loss
