@@ -126,13 +126,13 @@ def autoskd(loop, base, soft, sampler, keep):
         heldout, train_idx = split[:n_held], split[n_held:]  # the reward's examples are never trained on here
         reward = Reward(loop, heldout, soft)
         student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
-        loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
-        discarded = sampler.select_teachers(keep)
+        loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)  # phase-1 optimization
+        discarded = sampler.select_teachers(keep)  # teacher selection
         print(f"teacher selection: kept {[m for m, on in zip(sampler.names, sampler.active) if on]}, "
               f"discarded {discarded}")
-        loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
+        loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)  # phase-2 optimization
     student, opt, sched = loop.new_student(base, a.epochs, n)
-    loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)
+    loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
     return student
 
 
