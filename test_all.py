@@ -742,9 +742,11 @@ def test_torchrun_resumes_a_killed_run(workdir, tmp_path):
     """2 gloo ranks killed in phase-1 go on from rank 0's checkpoint and end where an uninterrupted
     torchrun run ends (dropout on: each rank's own random state must come back)."""
     argv = FAST + ["--save_every", "2"]
+    # Killed at step 3's loss, after the lookahead's all_reduce, which rank 0 reaches only once it has
+    # written the step-2 checkpoint (killed earlier, rank 1 may quit while rank 0 still writes).
     killed = tmp_path / "killed.py"
     killed.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, model\nreal, calls = model.kd_loss, []\n"
-                      "def loss(*a, **k):\n    calls.append(1)\n    if len(calls) == 8:  # phase-1 step 3\n"
+                      "def loss(*a, **k):\n    calls.append(1)\n    if len(calls) == 9:  # phase-1 step 3's own loss\n"
                       "        raise KeyboardInterrupt\n    return real(*a, **k)\n"
                       "model.kd_loss = loss\ndistill.main(distill.parse_args())\n")
 
