@@ -162,7 +162,7 @@ class Loop:
         self.labels = torch.tensor(data["train"].labels, dtype=torch.float if float_labels else torch.long,
                                    device=self.device)  # [N]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
-        self.timings, self.ema = {}, None  # timings (since this process started) go to metrics.json
+        self.timings = {}  # timings (since this process started) go to metrics.json
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
         check_writable(args.out_dir, self.rank)
         self.resume = load_checkpoint(self.resume_path, args) if args.resume else None
@@ -220,6 +220,7 @@ class Loop:
         if start is None:
             return  # the phase had finished before the run was killed
         first, skip, step = start
+        self.ema = None  # the loss shown and checked for NaN: a moving average over this phase's steps
         for epoch in range(first, epochs + 1):
             t, order_state = self.clock(), self.order.get_state()  # (to redraw the epoch's batches on resume)
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
@@ -422,11 +423,12 @@ def resolve_team(args):
     if args.student:
         return names, args.student
     bases = [getattr(AutoConfig.from_pretrained(team_lib.local_folder(n)), "base_model", None) for n in names]
-    if not any(bases):
+    base = next((b for b in bases if b), None)
+    if not base:
         raise ValueError("the teachers do not record the checkpoint they were fine-tuned from: "
                          "pass --student <name or folder>")
-    print(f"student: {next(b for b in bases if b)} (the base model the teachers were fine-tuned from)")
-    return names, next(b for b in bases if b)
+    print(f"student: {base} (the base model the teachers were fine-tuned from)")
+    return names, base
 
 
 def check_writable(out_dir, rank):
@@ -477,7 +479,7 @@ def save(loop, student, team, sampler, test):
 def model_card(a, student, dev, teachers, final):
     """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was distilled."""
     base, name = student.config.base_model, os.path.basename(os.path.normpath(a.out_dir))
-    splits = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+    splits = {ours: hub for hub, ours in glue_data.HUB_SPLITS.items()}  # dev -> validation, ...
     results = "".join(f"  - task: {{type: text-classification}}\n    dataset: {{name: GLUE {a.task}, type: "
                       f"{glue_data.HUB}, config: {glue_data.HUB_TASKS[a.task][0]}, split: {splits[s]}}}\n    metrics:\n"
                       + "".join(f"    - {{type: {m}, value: {v:.4f}}}\n" for m, v in ms.items()) for s, ms in dev.items())

@@ -94,7 +94,7 @@ def read_split(path, task_name, labelled=True):
     for name in (a, task.b or a, label or a):
         if name not in header:
             raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
-    ia, ib = header.index(a), (header.index(task.b) if task.b else None)
+    ia, ib, il = header.index(a), (header.index(task.b) if task.b else None), (header.index(label) if label else None)
     out = Examples([], [] if task.b else None, [])
     for n, row in rows:
         if len(row) < len(header) and task.skip_short_rows and labelled:
@@ -104,7 +104,7 @@ def read_split(path, task_name, labelled=True):
         out.text_a.append(row[ia])
         if ib is not None:
             out.text_b.append(row[ib])
-        out.labels.append(parse_label(row[header.index(label)], task, f"{path}:{n}") if label else None)
+        out.labels.append(parse_label(row[il], task, f"{path}:{n}") if il is not None else None)
     if len(out) < len(rows):
         print(f"note: skipped {len(rows) - len(out)} incomplete rows of {path} (known defect of the public file)")
     if not len(out):
