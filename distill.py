@@ -31,7 +31,6 @@ from sampler import TeacherSampler, check_keep
 STRATEGIES = ("auto", "uniform", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
@@ -72,7 +71,6 @@ def parse_args(argv=None):
             p.error(f"--{name} {getattr(args, name)} is out of range")
     return args
 
-
 def main(args):
     t0 = time.time()
     metrics = os.path.join(args.out_dir, "metrics.json")
@@ -80,7 +78,7 @@ def main(args):
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
         return
     data = glue_data.load_task(args.data_dir, args.task)
-    test = glue_data.load_test(args.data_dir, args.task) if args.predict_test else {}  # a bad row stops us now
+    test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}  # a bad row stops us now
     names, base = resolve_team(args)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
@@ -100,7 +98,6 @@ def main(args):
     if loop.rank == 0:  # rank 0 writes
         save(loop, student, team, sampler, test)
 
-
 def setup(args, team, device):
     """Each strategy's teaching, in one place: (soft targets [K, N, C] or None, sampler or None).
     A step distils from soft[k], k drawn from the sampler (k = 0 without one)."""
@@ -113,7 +110,6 @@ def setup(args, team, device):
         return soft, None
     names = [t.name for t in team]  # auto (p learned), uniform (p stays uniform)
     return soft, TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
-
 
 def autoskd(loop, base, soft, sampler, keep):
     """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
@@ -135,13 +131,11 @@ def autoskd(loop, base, soft, sampler, keep):
     loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
     return student
 
-
 # ------------------------------------------------------------------------------- the training loop
 def warmup_then_decay(step, warmup, total):
     """The learning rate's factor: linear warm-up over `warmup` steps (non-zero from the first), then
     linear decay to 0 at `total`."""
     return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
-
 
 class Loop:
     """What every phase shares: the task's data, encoded once for the student, the device and ranks."""
@@ -163,11 +157,14 @@ class Loop:
                                    device=self.device)  # [N]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.timings = {}  # timings (since this process started) go to metrics.json
+        try:  # write a file: permission bits say nothing to root or on a read-only disk
+            os.makedirs(args.out_dir, exist_ok=True)
+            open(probe := os.path.join(args.out_dir, f".write_test{self.rank}"), "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"--out_dir {args.out_dir} is not writable ({e.strerror})") from None
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
-        check_writable(args.out_dir, self.rank)
-        self.resume = load_checkpoint(self.resume_path, args) if args.resume else None
-        if self.resume and self.resume.get("world", 1) != self.world:
-            raise ValueError(f"{self.resume_path} was written by {self.resume.get('world', 1)} processes: resume with as many")
+        self.resume = self.load_checkpoint() if args.resume else None
         self.history = self.resume["history"] if self.resume else []  # dev metrics after every epoch
 
     def new_student(self, base, epochs, n_train):
@@ -267,7 +264,7 @@ class Loop:
             for s, ex in self.data.items() if s != "train"}
         student.train()
         self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
-        print(f"{phase} epoch {epoch}: " + ", ".join(f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()))
+        print(f"{phase} epoch {epoch}: {glue_data.show(dev)}")
 
     # ------------------------------------------------------------------ resume: all of it
     def checkpoint(self, parts, **where):
@@ -279,6 +276,25 @@ class Loop:
             state = where | {n: p.state_dict() for n, p in parts.items() if p is not None} | {
                 "rng": rng, "world": self.world, "history": self.history, "args": vars(self.args)}
             glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
+
+    def load_checkpoint(self):
+        """The checkpoint --resume goes on from, refused when written with other flags; None: none."""
+        path, args = self.resume_path, self.args
+        if not os.path.isfile(path):
+            print(f"note: nothing to resume in {args.out_dir}; starting afresh")
+            return None
+        try:
+            r = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without --resume to start afresh, "
+                             f"or delete it") from None
+        other = [k for k, v in r["args"].items() if k not in ("resume", "save_every") and vars(args).get(k) != v]
+        if other:
+            raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
+                             f"rerun with the same flags, or without --resume")
+        if r["world"] != self.world:
+            raise ValueError(f"{path} was written by {r['world']} processes: resume with as many")
+        return r
 
     def restore(self, phase, parts):
         """Where `phase` starts: (epoch, batch, step); None when it had finished before the run was
@@ -297,24 +313,6 @@ class Loop:
         self.resume = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
-
-
-def load_checkpoint(path, args):
-    """The checkpoint in path, refused when written with other flags; None when there is none."""
-    if not os.path.isfile(path):
-        print(f"note: nothing to resume in {args.out_dir}; starting afresh")
-        return None
-    try:
-        r = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without --resume to start afresh, "
-                         f"or delete it") from None
-    other = [k for k, v in r["args"].items() if k not in ("resume", "save_every") and vars(args).get(k) != v]
-    if other:
-        raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
-                         f"rerun with the same flags, or without --resume")
-    return r
-
 
 # ------------------------------------------------------------------------------- the reward
 class Reward:
@@ -403,7 +401,6 @@ class Reward:
                                                              L.args.alpha), z)[0] for s in self.soft])  # [K, B, C]
         return L.reduce_mean(lr * (dz * jh).sum((1, 2)), 1)  # DDP averages the ranks' gradients alike
 
-
 # ------------------------------------------------------------------------------- inputs and outputs
 def resolve_team(args):
     """Teacher checkpoints, sorted (a draw picks by position, so the order named decides nothing), and
@@ -429,17 +426,6 @@ def resolve_team(args):
                          "pass --student <name or folder>")
     print(f"student: {base} (the base model the teachers were fine-tuned from)")
     return names, base
-
-
-def check_writable(out_dir, rank):
-    probe = os.path.join(out_dir, f".write_test{rank}")
-    try:  # write a file: permission bits say nothing to root or on a read-only disk
-        os.makedirs(out_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror})") from None
-
 
 def save(loop, student, team, sampler, test):
     """The student (save_pretrained) and its model card, metrics.json, distribution.json and the test
@@ -475,7 +461,6 @@ def save(loop, student, team, sampler, test):
         os.remove(loop.resume_path)  # the run is complete
     print(f"done in {loop.timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {out}")
 
-
 def model_card(a, student, dev, teachers, final):
     """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was distilled."""
     base, name = student.config.base_model, os.path.basename(os.path.normpath(a.out_dir))
@@ -490,9 +475,7 @@ def model_card(a, student, dev, teachers, final):
             f"The bottom {student.config.num_hidden_layers} transformer layer(s) of `{os.path.basename(base)}`, trained "
             f"on GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy {a.strategy}` "
             f"(temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, lr {a.lr}, seed {a.seed}).\n\n"
-            f"Teachers, with the final sampling distribution: {team}.\n\nDev: " + "; ".join(
-                f"{s} {m} {v:.4f}" for s, ms in dev.items() for m, v in ms.items()) + ".\n")
-
+            f"Teachers, with the final sampling distribution: {team}.\n\nDev: {glue_data.show(dev)}.\n")
 
 if __name__ == "__main__":
     arguments = parse_args()

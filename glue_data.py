@@ -1,10 +1,10 @@
 """GLUE data: the nine tasks read from their published TSV files, tokenized, batched and scored.
 
-The paper evaluates on the GLUE benchmark (Wang et al., 2019). Layout (the usual download script's):
+The paper evaluates on the GLUE benchmark (Wang et al., 2019), in the usual download script's layout
 
-    <data_dir>/<TASK>/train.tsv, dev.tsv            (MNLI: dev_matched.tsv and dev_mismatched.tsv)
+    <data_dir>/<TASK>/train.tsv, dev.tsv, test.tsv    (MNLI: dev_matched.tsv, dev_mismatched.tsv, ...)
 
-This module writes it from the public GLUE copy on the Hugging Face hub (needs `datasets`):
+which this module writes from the public GLUE copy on the Hugging Face hub (needs `datasets`):
 
     python glue_data.py --download RTE MRPC [--data_dir glue_data]
 """
@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -28,7 +29,6 @@ class Task:
     header: bool = True
     dev: tuple = ("dev",)
     skip_short_rows: bool = False  # QQP: a handful of rows of the public train file miss a question
-
 
 # Columns and labels as the public GLUE files have them.
 TASKS = {
@@ -44,20 +44,17 @@ TASKS = {
     "WNLI": Task("sentence1", "sentence2", "label", ["0", "1"], ("accuracy",)),
 }
 
-
 class DataError(ValueError):
     """Bad or missing data: the message names the file (and line) and what to do."""
-
 
 @dataclass
 class Examples:
     text_a: list   # [N] str
     text_b: list   # [N] str, or None for single-sentence tasks
-    labels: list   # [N] int class index, or float score for STS-B
+    labels: list   # [N] int class index, or float score for STS-B (None: a test file)
 
     def __len__(self):
         return len(self.labels)
-
 
 def get_task(name):
     if name not in TASKS:
@@ -66,24 +63,24 @@ def get_task(name):
         raise DataError(f"unknown task {name!r}; {hint}GLUE tasks are: {', '.join(TASKS)}")
     return TASKS[name]
 
-
-def load_task(data_dir, task_name):
-    """{"train": Examples, "<dev split>": Examples, ...} for one task."""
-    folder = os.path.join(data_dir, task_name)
+def load_task(data_dir, task_name, test=False):
+    """{split: Examples} for one task: train and dev; with test=True, the test splits (test_files)."""
+    folder, task = os.path.join(data_dir, task_name), get_task(task_name)
     if not os.path.isdir(folder):
-        get_task(task_name)
         raise DataError(f"no {task_name} data in {folder}: write it with `python glue_data.py --download "
                         f"{task_name} --data_dir {data_dir}`, or pass --data_dir")
-    return {split: read_split(os.path.join(folder, split + ".tsv"), task_name)
-            for split in ("train",) + get_task(task_name).dev}
+    splits = list(test_files(task_name)) if test else ["train", *task.dev]
+    return {s: read_split(os.path.join(folder, s + ".tsv"), task_name, labelled=not test) for s in splits}
 
+def test_files(task_name):
+    """{test split: the name the GLUE server wants for its predictions file}."""
+    return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"} if task_name == "MNLI" else {"test": task_name}
 
 def read_split(path, task_name, labelled=True):
-    """Read one TSV file into Examples (labels None when not labelled: a test file); a malformed row
-    raises DataError naming file:line. utf-8-sig drops the byte-order mark some MRPC files start with;
-    rows are split on tabs only, with no quote handling: GLUE sentences hold unpaired quotes."""
+    """Read one TSV file into Examples; a malformed row raises DataError naming file:line. utf-8-sig
+    drops the byte-order mark some MRPC files start with; rows are split on tabs only, with no quote
+    handling: GLUE sentences hold unpaired quotes. Test files (not labelled) all have a header."""
     task = get_task(task_name)
-    a, label = (task.a, task.label) if labelled else (task.a if task.header else "sentence", None)  # (CoLA test)
     if not os.path.isfile(path):
         raise DataError(f"missing data file {path}")
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -91,45 +88,20 @@ def read_split(path, task_name, labelled=True):
     if not rows:
         raise DataError(f"{path} is empty")
     header = rows.pop(0)[1] if task.header or not labelled else list(range(4))
-    for name in (a, task.b or a, label or a):
-        if name not in header:
-            raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
-    ia, ib, il = header.index(a), (header.index(task.b) if task.b else None), (header.index(label) if label else None)
-    out = Examples([], [] if task.b else None, [])
-    for n, row in rows:
-        if len(row) < len(header) and task.skip_short_rows and labelled:
-            continue  # counted below
+    columns = [task.a if task.header or labelled else "sentence", task.b, task.label if labelled else None]
+    for name in [c for c in columns if c is not None and c not in header]:
+        raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
+    ia, ib, il = (header.index(c) if c is not None else None for c in columns)
+    kept = [(n, r) for n, r in rows if not (task.skip_short_rows and labelled and len(r) < len(header))]
+    for n, row in kept:
         if len(row) != len(header):
             raise DataError(f"{path}:{n}: expected {len(header)} tab-separated fields, found {len(row)}")
-        out.text_a.append(row[ia])
-        if ib is not None:
-            out.text_b.append(row[ib])
-        out.labels.append(parse_label(row[il], task, f"{path}:{n}") if il is not None else None)
-    if len(out) < len(rows):
-        print(f"note: skipped {len(rows) - len(out)} incomplete rows of {path} (known defect of the public file)")
-    if not len(out):
+    if len(kept) < len(rows):
+        print(f"note: skipped {len(rows) - len(kept)} incomplete rows of {path} (known defect of the public file)")
+    if not kept:
         raise DataError(f"{path} holds no examples")
-    return out
-
-
-def load_test(data_dir, task_name):
-    """{test split: Examples without labels}: test.tsv (MNLI: test_matched.tsv, test_mismatched.tsv)."""
-    return {split: read_split(os.path.join(data_dir, task_name, split + ".tsv"), task_name, labelled=False)
-            for split in test_files(task_name)}
-
-
-def test_files(task_name):
-    """{test split: the name of its predictions file for the GLUE server}."""
-    return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"} if task_name == "MNLI" else {"test": task_name}
-
-
-def label_texts(task_name, logits):
-    """Model outputs [N, C] as the task's label strings (STS-B: [N, 1], the score clipped to [0, 5])."""
-    labels = get_task(task_name).labels
-    if labels is None:
-        return [f"{min(max(v, 0.0), 5.0):.3f}" for v in logits[:, 0].tolist()]
-    return [labels[i] for i in logits.argmax(-1).tolist()]
-
+    return Examples([r[ia] for _, r in kept], [r[ib] for _, r in kept] if task.b else None,
+                    [parse_label(r[il], task, f"{path}:{n}") if labelled else None for n, r in kept])
 
 def parse_label(text, task, where):
     if task.labels is None:
@@ -141,6 +113,12 @@ def parse_label(text, task, where):
         raise DataError(f"{where}: unknown label {text!r}; expected one of {task.labels}")
     return task.labels.index(text)
 
+def label_texts(task_name, logits):
+    """Model outputs [N, C] as the task's label strings (STS-B: [N, 1], the score clipped to [0, 5])."""
+    labels = get_task(task_name).labels
+    if labels is None:
+        return [f"{min(max(v, 0.0), 5.0):.3f}" for v in logits[:, 0].tolist()]
+    return [labels[i] for i in logits.argmax(-1).tolist()]
 
 # ---------------------------------------------------------------------------------- tokens and batches
 def encode(tokenizer, examples, max_len):
@@ -148,22 +126,17 @@ def encode(tokenizer, examples, max_len):
     enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_len)
     return {k: list(enc[k]) for k in tokenizer.model_input_names if k in enc}
 
-
 def lengths(enc):
     return [len(ids) for ids in enc["input_ids"]]
-
 
 def collate(tokenizer, enc, idx):
     """The examples idx padded to the longest among them: {name: LongTensor [B, L]}."""
     return dict(tokenizer.pad({k: [rows[i] for i in idx] for k, rows in enc.items()}, return_tensors="pt"))
 
-
 def batches(lengths, batch_size, generator=None, group=50):
     """Index batches over examples of the given token lengths [N], grouped by length to pad little.
-
     With a generator (training): shuffle, sort within chunks of `group` batches, cut, shuffle the
-    batches, so batches stay random yet hold examples of similar length. Without: sorted by length.
-    """
+    batches, so batches stay random yet hold examples of similar length. Without: sorted by length."""
     lengths = torch.as_tensor(lengths)
     if generator is None:
         order = torch.argsort(lengths, stable=True)
@@ -175,52 +148,34 @@ def batches(lengths, batch_size, generator=None, group=50):
         out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
     return out
 
-
 # ---------------------------------------------------------------------------------- metrics
 def accuracy(pred, gold):
-    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
-
-
-def confusion(pred, gold):
-    """(true positives, false positives, false negatives, true negatives) of class 1."""
-    pairs = list(zip(pred, gold))
-    return tuple(sum(p == a and g == b for p, g in pairs) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0)))
-
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
 
 def f1(pred, gold):
-    """F1 of the positive class 1, as GLUE reports it for MRPC and QQP."""
-    tp, fp, fn, _ = confusion(pred, gold)
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-
-
-def mcc(pred, gold):
-    """Matthews correlation of two binary labelings (0 when a row or column of the table is empty)."""
-    tp, fp, fn, tn = confusion(pred, gold)
-    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / den if den else 0.0
-
+    """F1 of the positive class 1, as GLUE reports it for MRPC and QQP: 2 tp / (2 tp + fp + fn)."""
+    p, g = np.asarray(pred) == 1, np.asarray(gold) == 1
+    return 2 * float((p & g).sum()) / max(1, p.sum() + g.sum())
 
 def pearson(x, y):
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx and syy else 0.0
+    """Pearson correlation (0 when either side is constant)."""
+    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
+    den = math.sqrt((x @ x) * (y @ y))
+    return float(x @ y) / den if den else 0.0
 
+def mcc(pred, gold):
+    """Matthews correlation of two binary labelings: their Pearson correlation (phi)."""
+    return pearson(pred, gold)
 
 def ranks(x):
     """1-based ranks, ties sharing the mean of their positions."""
-    positions = {}
-    for r, v in enumerate(sorted(x), 1):
-        positions.setdefault(v, []).append(r)
-    return [sum(positions[v]) / len(positions[v]) for v in x]
-
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inverse].tolist()
 
 def spearman(x, y):
     return pearson(ranks(x), ranks(y))
 
-
 METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spearman": spearman}
-
 
 def compute_metrics(task_name, logits, gold):
     """The task's official metrics from model outputs [N, C] (STS-B: [N, 1]) and gold labels [N]."""
@@ -228,19 +183,20 @@ def compute_metrics(task_name, logits, gold):
     pred = logits[:, 0].tolist() if task.labels is None else logits.argmax(-1).tolist()
     return {m: METRICS[m](pred, list(gold)) for m in task.metrics}
 
-
 def score(dev_metrics):
     """One number for a {split: {metric: value}} result: the mean of all (GLUE's own convention)."""
     values = [v for split in dev_metrics.values() for v in split.values()]
     return sum(values) / len(values)
 
+def show(dev_metrics):
+    return ", ".join(f"{s} {m} {v:.4f}" for s, ms in dev_metrics.items() for m, v in ms.items())
 
 # ---------------------------------------------------------------------------------- files
 def write_atomic(path, write, binary=False):
     """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one.
     A write that fails (a full disk) leaves the old file too, and raises OSError naming path."""
     try:
-        with open(path + ".tmp", "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with open(path + ".tmp", "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             write(f)
     except Exception as e:
         if os.path.exists(path + ".tmp"):
@@ -248,10 +204,8 @@ def write_atomic(path, write, binary=False):
         raise OSError(f"could not write {path} ({e}); the file there before, if any, is unchanged") from None
     os.replace(path + ".tmp", path)
 
-
 def write_json(path, obj):
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))
-
 
 # ---------------------------------------------------------------------------------- download
 HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub; per task: its config, its text fields,
@@ -272,29 +226,25 @@ HUB_TASKS = {
 HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
               "validation_mismatched": "dev_mismatched"}
 
-
 def hub_to_tsv(task_name, split, records, label_names):
     """Lines of the published TSV file (header first) for one hub split: records [{field: value}] with
     the hub's integer labels (label_names: its class names) or STS-B's float scores."""
     task, (_, field_a, field_b, columns) = get_task(task_name), HUB_TASKS[task_name]
-    header = columns.split("|" if "|" in columns else " ") if columns else None
+    header = columns.split("|" if "|" in columns else " ") if columns else list(range(4))
     if task_name == "MNLI" and split != "train":  # dev files carry five annotators' labels
         header = header[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
-    lines = ["\t".join(header)] if header else []
+    lines = ["\t".join(header)] if columns else []
     for r in records:
         label = f"{r['label']:.3f}" if task.labels is None else str(r["label"])
         if task.labels and label_names and label_names[r["label"]] in task.labels:
             label = label_names[r["label"]]  # MNLI, QNLI, RTE name their labels; the others write 0/1
-        row = dict.fromkeys(header or range(4), "")
+        row = dict.fromkeys(header, "") | ({} if columns else {0: "glue", 2: "" if label == "1" else "*"})  # CoLA
         for column, value in [(task.a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
                               ("id", r["idx"]), (task.label, label), ("label1", label)]:
             if column in row and value is not None:
                 row[column] = " ".join(str(value).split())  # a tab or line break would break the row
-        if not header:  # CoLA: mark is * when unacceptable
-            row[0], row[2] = "glue", "" if label == "1" else "*"
         lines.append("\t".join(row.values()))
     return lines
-
 
 def download(tasks, data_dir, load_dataset=None):
     """Write each task's train and dev splits from the hub's GLUE copy in the layout load_task reads."""
@@ -311,8 +261,7 @@ def download(tasks, data_dir, load_dataset=None):
             lines = hub_to_tsv(name, HUB_SPLITS[split], hub[split], getattr(hub[split].features["label"], "names", None))
             path = os.path.join(data_dir, name, HUB_SPLITS[split] + ".tsv")
             write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
-            print(f"wrote {path}: {len(lines) - bool(get_task(name).header)} examples")
-
+            print(f"wrote {path}: {len(lines) - bool(HUB_TASKS[name][3])} examples")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write GLUE tasks from the hub's copy in the standard TSV layout.")

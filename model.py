@@ -22,22 +22,18 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 transformers.logging.set_verbosity_error()  # the dropped layers and the new head are expected
 transformers.logging.disable_progress_bar()
 
-
 def build_student(name_or_dir, labels, num_layers=None, task=None):
     """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) and a new head for
     labels (the task's label names in output order; None: regression, one output). The config records
     the task and the base checkpoint, so a fine-tuned student can serve as a teacher."""
-    num_layers = layers_to_keep(name_or_dir, num_layers)
     names = labels or ["score"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_dir, num_hidden_layers=num_layers,  # weights of the layers above are not loaded
+        name_or_dir, num_hidden_layers=layers_to_keep(name_or_dir, num_layers),  # the layers above: not loaded
         num_labels=len(names), id2label=dict(enumerate(names)),
         label2id={l: i for i, l in enumerate(names)}, ignore_mismatched_sizes=True)
     model.config.glue_task = task
     model.config.base_model = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
-    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-    return model, tokenizer
-
+    return model, AutoTokenizer.from_pretrained(name_or_dir)
 
 def layers_to_keep(name_or_dir, num_layers=None):
     """num_layers (all when None), checked against the checkpoint's own number of layers."""
@@ -46,34 +42,28 @@ def layers_to_keep(name_or_dir, num_layers=None):
     except OSError as e:
         raise ValueError(f"--student {name_or_dir} is neither a checkpoint folder nor a model this machine "
                          f"can load from the hub ({str(e).splitlines()[0]})") from None
-    num_layers = num_layers or have
-    if not 1 <= num_layers <= have:
+    if not 1 <= (num_layers or have) <= have:
         raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers (choose 1 to {have})")
     if os.path.isdir(name_or_dir):
         check_weights(name_or_dir)
-    return num_layers
-
+    return num_layers or have
 
 def check_weights(folder):
     """Stop with one sentence when a checkpoint folder's weights file is damaged (an interrupted copy,
     a full disk): the safetensors header must cover the file, a .bin zip must have its directory."""
     for f in sorted(os.listdir(folder)):
-        path = os.path.join(folder, f)
         try:
             if f.endswith(".safetensors"):
-                with safe_open(path, "pt") as st:
-                    st.keys()
+                safe_open(os.path.join(folder, f), "pt").keys()
             elif f.endswith(".bin"):
-                zipfile.ZipFile(path).close()
+                zipfile.ZipFile(os.path.join(folder, f)).close()
         except Exception as e:
-            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): copy or make the checkpoint "
-                             f"again") from None
-
+            raise ValueError(f"{os.path.join(folder, f)} is damaged ({str(e).splitlines()[0]}): copy or make "
+                             f"the checkpoint again") from None
 
 def soft_targets(teacher_logits, T):
     """Teacher outputs [..., C] -> the distribution softmax(logits / T); regression [..., 1] unchanged."""
     return teacher_logits if teacher_logits.shape[-1] == 1 else torch.softmax(teacher_logits / T, -1)
-
 
 def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
     """Distillation loss of a batch: student_logits [B, C] (regression: [B, 1]); labels [B]; targets:
@@ -87,7 +77,6 @@ def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
     else:  # KL(p_teacher || p_student), mean over the batch, times T^2
         soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
     return (1 - alpha) * hard + alpha * soft
-
 
 def expected_error(logits, labels):
     """What the lookahead reward measures on held-out examples: 1 - the mean probability of the right

@@ -27,11 +27,9 @@ import math
 
 import torch
 
-
 def check_keep(keep, n):
     if not 1 <= keep <= n:
         raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
-
 
 class TeacherSampler:
     def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0, warmup=0):
@@ -55,11 +53,8 @@ class TeacherSampler:
 
     def update(self, k, reward):
         """Stochastic single-weight REINFORCE step for the sampled teacher k; returns the advantage.
-
-        reward: the step's reward (a float), measured for k alone: the baseline b is a moving average of
-        past rewards. Or every teacher's reward on this step's batch (a list of K): then b is their
-        mean under p, b = sum_j p_j r_j, the expected reward of this very step, exact for every batch.
-        """
+        reward: k's alone (a float; b: a moving average of past rewards), or every teacher's on this
+        step's batch (a list of K; b = sum_j p_j r_j, the expected reward of this very step)."""
         if isinstance(reward, list):
             adv = reward[k] - float(self.probs() @ torch.tensor(reward, dtype=torch.float64))
         else:
@@ -78,16 +73,13 @@ class TeacherSampler:
         return adv
 
     def select_teachers(self, keep):
-        """Teacher selection after phase-1: keep the `keep` heaviest active teachers.
-
-        Returns the names of every discarded teacher. Their weight goes to the kept ones, pro rata (see
-        the docstring). Selecting again with the same `keep` changes nothing.
-        """
+        """Teacher selection after phase-1: keep the `keep` heaviest active teachers; their weight goes
+        to the kept ones pro rata (see above). Returns every discarded name; selecting again changes nothing."""
         check_keep(keep, sum(self.active))
         kept = set(torch.argsort(self.probs(), descending=True)[:keep].tolist())
         self.active = [i in kept for i in range(len(self.names))]
         self.phase1_steps = self.steps if self.phase1_steps is None else self.phase1_steps
-        return [n for n, on in zip(self.names, self.active) if not on]
+        return self.record()["discarded"]
 
     def record(self):
         """What distribution.json shows of the learning: p after every step of phase-1 and of phase-2,

@@ -23,10 +23,8 @@ from model import check_weights
 transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
 
-
 class TeamError(ValueError):
     """A teacher that cannot serve this task, or no team at all."""
-
 
 @dataclass
 class Teacher:
@@ -34,14 +32,10 @@ class Teacher:
     train: torch.Tensor  # [N, C] logits on the training set (regression: [N, 1])
     dev_metrics: dict    # {dev split: {metric: value}}
 
-
 def find_teachers(root):
     """Every checkpoint folder (one holding config.json) directly under root, sorted by name."""
-    if not os.path.isdir(root):
-        return []
-    subs = sorted(os.path.join(root, d) for d in os.listdir(root))
+    subs = sorted(os.path.join(root, d) for d in os.listdir(root)) if os.path.isdir(root) else []
     return [d for d in subs if os.path.isfile(os.path.join(d, "config.json"))]
-
 
 def local_folder(name):
     """The folder holding a checkpoint: a local folder as is, a hub name downloaded (or cached)."""
@@ -54,7 +48,6 @@ def local_folder(name):
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
     except Exception as e:
         raise TeamError(f"teacher {name} is neither a local folder nor a model on the hub ({e})") from None
-
 
 def check_teacher(name, folder, task_name):
     """Refuse a teacher fine-tuned for another task, or with other labels or another label order."""
@@ -72,7 +65,6 @@ def check_teacher(name, folder, task_name):
     if sorted(theirs) == sorted(ours) and theirs != ours:
         raise TeamError(f"teacher {name} orders its labels {theirs}; {task_name} needs {ours}")
 
-
 def fingerprint(folder, task_name, data_dir, splits, max_len):
     """sha256 of everything the cached logits depend on."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {task_name} {max_len}".encode())
@@ -85,7 +77,6 @@ def fingerprint(folder, task_name, data_dir, splits, max_len):
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
-
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=None):
@@ -103,7 +94,6 @@ def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=Non
         dist.all_reduce(out)  # each row is nonzero on one rank only
     return out.cpu()
 
-
 def teacher_outputs(folder, name, data, max_len, device):
     """{split: logits} for every split of data, running the teacher once."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -112,7 +102,6 @@ def teacher_outputs(folder, name, data, max_len, device):
     del model
     gc.collect()  # one teacher in memory at a time (on GPU its freed blocks serve the next teacher)
     return outputs
-
 
 def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
     """Check, run (or read from the cache) and score every teacher: a list of Teacher."""
@@ -134,10 +123,8 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
                 glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
         metrics = {s: glue_data.compute_metrics(task_name, out, data[s].labels) for s, out in outputs.items() if s != "train"}
         team.append(Teacher(name, outputs["train"], metrics))
-        shown = ", ".join(f"{s} {m} {v:.4f}" for s, ms in metrics.items() for m, v in ms.items())
-        print(f"teacher {name}: {shown}")
+        print(f"teacher {name}: {glue_data.show(metrics)}")
     return team
-
 
 def read_cache(path, key, data):
     """The cached outputs if the file is whole and matches key and data sizes, else None."""
@@ -145,11 +132,8 @@ def read_cache(path, key, data):
         return None
     try:
         saved = torch.load(path, weights_only=True)
-        ok = saved["key"] == key and all(len(saved["outputs"][s]) == len(ex) for s, ex in data.items())
+        if saved["key"] == key and all(len(saved["outputs"][s]) == len(ex) for s, ex in data.items()):
+            return saved["outputs"]
     except Exception:  # truncated or corrupt: recompute rather than trust it
-        ok = False
-    if not ok:
-        print(f"note: cache {path} is stale or damaged; recomputing")
-        return None
-    return saved["outputs"]
-
+        pass
+    print(f"note: cache {path} is stale or damaged; recomputing")

@@ -224,7 +224,7 @@ def test_download_writes_the_published_layout(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("task", list(glue_data.TASKS))
 def test_every_task_loads_its_published_test_format(glue_dir, task):
-    test = glue_data.load_test(glue_dir, task)
+    test = glue_data.load_task(glue_dir, task, test=True)
     splits = ["test_matched", "test_mismatched"] if task == "MNLI" else ["test"]
     assert list(test) == splits
     for k, split in enumerate(splits):
@@ -237,7 +237,7 @@ def test_every_task_loads_its_published_test_format(glue_dir, task):
     try:
         open(path, "a").write("99\tcut short\n" if task not in ("CoLA", "SST-2") else "99\n")
         with pytest.raises(glue_data.DataError, match=rf"{splits[0]}\.tsv:{len(good.splitlines()) + 1}: expected"):
-            glue_data.load_test(glue_dir, task)
+            glue_data.load_task(glue_dir, task, test=True)
     finally:
         open(path, "w").write(good)
 
@@ -582,7 +582,7 @@ def test_predict_test_writes_glue_server_files_and_a_model_card(glue_dir, tiny_b
     m = run(["--task", task, "--data_dir", glue_dir, "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
              "--epochs", "1", "--predict_test", "--out_dir", out], str(tmp_path))
     files = {"RTE": ["RTE.tsv"], "MNLI": ["MNLI-m.tsv", "MNLI-mm.tsv"], "STS-B": ["STS-B.tsv"], "CoLA": ["CoLA.tsv"]}[task]
-    tests = glue_data.load_test(glue_dir, task)
+    tests = glue_data.load_task(glue_dir, task, test=True)
     for name, ex in zip(files, tests.values()):
         lines = open(os.path.join(out, name)).read().splitlines()
         assert lines[0] == "index\tprediction" and [l.split("\t")[0] for l in lines[1:]] == [str(i) for i in range(len(ex))]
