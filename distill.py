@@ -60,16 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue a killed run from <out_dir>/resume.pt")
     p.add_argument("--save_every", type=int, default=500, help="steps between resume checkpoints (and every epoch end)")
     p.add_argument("--predict_test", action="store_true", help="write the final student's test predictions for GLUE")
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or f"runs/{args.task}-{args.strategy}-seed{args.seed}"
-    for name, ok in [("batch_size", args.batch_size >= 1), ("epochs", args.epochs >= 1),
-                     ("temperature", args.temperature > 0), ("alpha", 0 <= args.alpha <= 1),
-                     ("heldout", 0 < args.heldout < 1), ("probe_every", args.probe_every >= 1),
-                     ("probe_size", (args.probe_size or 1) >= 1), ("save_every", args.save_every >= 1),
-                     ("sampler_warmup", args.sampler_warmup >= 0)]:
+    a = p.parse_args(argv)
+    a.out_dir = a.out_dir or f"runs/{a.task}-{a.strategy}-seed{a.seed}"
+    for name, ok in [("batch_size", a.batch_size >= 1), ("epochs", a.epochs >= 1), ("temperature", a.temperature > 0),
+                     ("alpha", 0 <= a.alpha <= 1), ("heldout", 0 < a.heldout < 1), ("probe_every", a.probe_every >= 1),
+                     ("probe_size", (a.probe_size or 1) >= 1), ("save_every", a.save_every >= 1),
+                     ("sampler_warmup", a.sampler_warmup >= 0)]:
         if not ok:
-            p.error(f"--{name} {getattr(args, name)} is out of range")
-    return args
+            p.error(f"--{name} {getattr(a, name)} is out of range")
+    return a
 
 def main(args):
     t0 = time.time()
@@ -108,8 +107,8 @@ def setup(args, team, device):
         return soft.mean(0, keepdim=True), None  # the team's mean soft targets, at every step
     if args.strategy == "single":
         return soft, None
-    names = [t.name for t in team]  # auto (p learned), uniform (p stays uniform)
-    return soft, TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
+    sampler = TeacherSampler([t.name for t in team], lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
+    return soft, sampler  # auto: p is learned; uniform: p stays uniform
 
 def autoskd(loop, base, soft, sampler, keep):
     """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
@@ -123,9 +122,7 @@ def autoskd(loop, base, soft, sampler, keep):
         reward = Reward(loop, heldout, soft)
         student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)  # phase-1 optimization
-        discarded = sampler.select_teachers(keep)  # teacher selection
-        print(f"teacher selection: kept {[m for m, on in zip(sampler.names, sampler.active) if on]}, "
-              f"discarded {discarded}")
+        print(f"teacher selection: discarded {sampler.select_teachers(keep)}")  # teacher selection
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)  # phase-2 optimization
     student, opt, sched = loop.new_student(base, a.epochs, n)
     loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
@@ -133,8 +130,7 @@ def autoskd(loop, base, soft, sampler, keep):
 
 # ------------------------------------------------------------------------------- the training loop
 def warmup_then_decay(step, warmup, total):
-    """The learning rate's factor: linear warm-up over `warmup` steps (non-zero from the first), then
-    linear decay to 0 at `total`."""
+    """The learning rate's factor: linear warm-up (non-zero from the first step), then decay to 0 at total."""
     return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
 class Loop:
@@ -152,9 +148,7 @@ class Loop:
         self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter  # (CPU: steal-proof)
         self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
         self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N]
-        float_labels = glue_data.get_task(args.task).labels is None  # regression
-        self.labels = torch.tensor(data["train"].labels, dtype=torch.float if float_labels else torch.long,
-                                   device=self.device)  # [N]
+        self.labels = torch.tensor(data["train"].labels, device=self.device)  # [N] long; STS-B: float
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.timings = {}  # timings (since this process started) go to metrics.json
         try:  # write a file: permission bits say nothing to root or on a read-only disk
@@ -177,9 +171,7 @@ class Loop:
         self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False) if self.world > 1 else student
         steps = epochs * math.ceil(n_train / self.args.batch_size)
         opt = torch.optim.AdamW(student.parameters(), lr=self.args.lr, weight_decay=0.01)
-        warmup = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_decay(s, warmup, steps))
-        return student, opt, sched
+        return student, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_decay(s, max(1, steps // 10), steps))
 
     def batch(self, idx):
         """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]) (GPU: pinned, no host sync)."""
@@ -333,7 +325,10 @@ class Reward:
 
     def __init__(self, loop, heldout, soft):
         self.loop, self.heldout, self.soft, self.is_lookahead = loop, heldout, soft, loop.args.reward == "lookahead"
-        self.probes = glue_data.batches(loop.lengths[heldout], loop.args.probe_size or loop.args.batch_size)
+        probes = glue_data.batches(loop.lengths[heldout], loop.args.probe_size or loop.args.batch_size)
+        self.probes = [b for b in probes if len(b) >= loop.world]  # every rank takes a share
+        if not self.probes:
+            raise ValueError(f"{len(heldout)} held-out examples cannot be shared by {loop.world} processes: raise --heldout")
         self.state = None  # h [P] (lookahead) or the held-out loss (step): what the next reward needs
 
     def probe(self, step):
@@ -365,7 +360,7 @@ class Reward:
         """Hard-label loss on held-out examples, no dropout, averaged over ranks (a host sync)."""
         L, mine = self.loop, idx[self.loop.rank::self.loop.world]
         student.eval()
-        loss = L.loss(student, mine, None) if mine else torch.zeros((), device=L.device)
+        loss = L.loss(student, mine, None)
         student.train()
         return float(L.reduce_mean(loss, len(mine)))
 
@@ -374,14 +369,11 @@ class Reward:
         weights, averaged over ranks, flat [P]."""
         L, mine = self.loop, idx[self.loop.rank::self.loop.world]
         params = [p for p in student.parameters() if p.requires_grad]
-        grads = [None] * len(params)
         student.eval()
-        if mine:
-            logits, i = L.logits(student, mine)
-            grads = torch.autograd.grad(kd.expected_error(logits, L.labels[i]), params, allow_unused=True)
+        logits, i = L.logits(student, mine)
+        grads = torch.autograd.grad(kd.expected_error(logits, L.labels[i]), params, materialize_grads=True)
         student.train()
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-        return L.reduce_mean(flat, len(mine))
+        return L.reduce_mean(torch.cat([g.reshape(-1) for g in grads]), len(mine))
 
     @torch.no_grad()
     def lookahead(self, student, idx, h, lr):
@@ -428,10 +420,9 @@ def resolve_team(args):
     return names, base
 
 def save(loop, student, team, sampler, test):
-    """The student (save_pretrained) and its model card, metrics.json, distribution.json and the test
-    predictions, each written whole or not at all."""
-    a, out = loop.args, loop.args.out_dir
-    tmp = os.path.join(out, ".student.tmp")
+    """The student with its model card, metrics.json, distribution.json and the test predictions, each
+    written whole or not at all."""
+    a, out, tmp = loop.args, loop.args.out_dir, os.path.join(loop.args.out_dir, ".student.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         student.save_pretrained(tmp), loop.tokenizer.save_pretrained(tmp)
@@ -441,16 +432,15 @@ def save(loop, student, team, sampler, test):
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(out, f))
     os.rmdir(tmp)
-    dev = loop.history[-1]["dev"]
+    dev, names = loop.history[-1]["dev"], [t.name for t in team]
+    final = sampler.probs().tolist() if sampler else [1 / len(team) for _ in team]
     glue_data.write_json(os.path.join(out, "metrics.json"), {
         "task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev, "score": glue_data.score(dev),
         "history": loop.history, "timings": loop.timings, "teachers": {t.name: t.dev_metrics for t in team},
         "args": vars(a)})
-    names = [t.name for t in team]
-    final = (sampler.probs().tolist() if sampler else [1 / len(team)] * len(team)) if team else []
     if team:
-        record = {"teachers": names, "final": final} | (sampler.record() if a.strategy == "auto" else {})
-        glue_data.write_json(os.path.join(out, "distribution.json"), record)
+        glue_data.write_json(os.path.join(out, "distribution.json"), {"teachers": names, "final": final} | (
+            sampler.record() if a.strategy == "auto" else {}))
         print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, final)))
     glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(model_card(a, student, dev, names, final)))
     for split, labels in test.items():  # the GLUE server's format: MNLI-m.tsv, RTE.tsv, ...
