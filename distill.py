@@ -171,7 +171,8 @@ class Loop:
         self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False) if self.world > 1 else student
         steps = epochs * math.ceil(n_train / self.args.batch_size)
         opt = torch.optim.AdamW(student.parameters(), lr=self.args.lr, weight_decay=0.01)
-        return student, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_decay(s, max(1, steps // 10), steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_decay(s, max(1, steps // 10), steps))
+        return student, opt, sched
 
     def batch(self, idx):
         """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]) (GPU: pinned, no host sync)."""
@@ -453,19 +454,21 @@ def save(loop, student, team, sampler, test):
 
 def model_card(a, student, dev, teachers, final):
     """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was distilled."""
+    from huggingface_hub import EvalResult, ModelCardData  # comes with transformers
     base, name = student.config.base_model, os.path.basename(os.path.normpath(a.out_dir))
     splits = {ours: hub for hub, ours in glue_data.HUB_SPLITS.items()}  # dev -> validation, ...
-    results = "".join(f"  - task: {{type: text-classification}}\n    dataset: {{name: GLUE {a.task}, type: "
-                      f"{glue_data.HUB}, config: {glue_data.HUB_TASKS[a.task][0]}, split: {splits[s]}}}\n    metrics:\n"
-                      + "".join(f"    - {{type: {m}, value: {v:.4f}}}\n" for m, v in ms.items()) for s, ms in dev.items())
+    results = [EvalResult(task_type="text-classification", dataset_type=glue_data.HUB, dataset_name=f"GLUE {a.task}",
+                          dataset_config=glue_data.HUB_TASKS[a.task][0], dataset_split=splits[s], metric_type=m,
+                          metric_value=round(v, 4)) for s, ms in dev.items() for m, v in ms.items()]
+    front = ModelCardData(model_name=name, eval_results=results, base_model=None if os.path.isabs(base) else base,
+                          datasets=[glue_data.HUB], tags=["knowledge-distillation", "autoskdbert"],
+                          library_name="transformers", pipeline_tag="text-classification").to_yaml()
     team = ", ".join(f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)) or "none"
-    return (f"---\nlibrary_name: transformers\npipeline_tag: text-classification\ndatasets: [{glue_data.HUB}]\n"
-            f"tags: [knowledge-distillation, autoskdbert]\n" + (f"base_model: {base}\n" if not os.path.isabs(base) else "")
-            + f"model-index:\n- name: {name}\n  results:\n{results}---\n\n# {name}\n\n"
-            f"The bottom {student.config.num_hidden_layers} transformer layer(s) of `{os.path.basename(base)}`, trained "
-            f"on GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy {a.strategy}` "
-            f"(temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, lr {a.lr}, seed {a.seed}).\n\n"
-            f"Teachers, with the final sampling distribution: {team}.\n\nDev: {glue_data.show(dev)}.\n")
+    return (f"---\n{front}\n---\n\n# {name}\n\nThe bottom {student.config.num_hidden_layers} transformer layer(s) "
+            f"of `{os.path.basename(base)}`, trained on GLUE {a.task} with AutoSKDBERT's reference implementation, "
+            f"`distill.py --strategy {a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
+            f"lr {a.lr}, seed {a.seed}).\n\nTeachers, with the final sampling distribution: {team}.\n\n"
+            f"Dev: {glue_data.show(dev)}.\n")
 
 if __name__ == "__main__":
     arguments = parse_args()

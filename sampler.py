@@ -44,8 +44,7 @@ class TeacherSampler:
 
     def probs(self):
         """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
-        mask = torch.tensor(self.active)
-        return torch.softmax(self.theta.masked_fill(~mask, -math.inf), 0)
+        return torch.softmax(self.theta.masked_fill(~torch.tensor(self.active), -math.inf), 0)
 
     def sample(self):
         """Index of the teacher for this step, drawn from p with the sampler's own generator."""

@@ -51,16 +51,15 @@ def local_folder(name):
 
 def check_teacher(name, folder, task_name):
     """Refuse a teacher fine-tuned for another task, or with other labels or another label order."""
-    config, labels = AutoConfig.from_pretrained(folder), glue_data.get_task(task_name).labels
+    config = AutoConfig.from_pretrained(folder)
+    ours = [l.lower() for l in glue_data.get_task(task_name).labels or ["score"]]
     trained_on = getattr(config, "glue_task", None)
     if trained_on and trained_on != task_name:
         raise TeamError(f"teacher {name} was fine-tuned on {trained_on}, not {task_name}")
-    want = len(labels) if labels else 1
-    if config.num_labels != want:
-        raise TeamError(f"teacher {name} has {config.num_labels} outputs; {task_name} needs {want}")
+    if config.num_labels != len(ours):
+        raise TeamError(f"teacher {name} has {config.num_labels} outputs; {task_name} needs {len(ours)}")
     check_weights(folder)
-    theirs = [str(config.id2label[i]).lower() for i in range(want)]
-    ours = [l.lower() for l in labels or ["score"]]
+    theirs = [str(config.id2label[i]).lower() for i in range(len(ours))]
     # Names like LABEL_0 or NEGATIVE say nothing about our order; the same names in another order do.
     if sorted(theirs) == sorted(ours) and theirs != ours:
         raise TeamError(f"teacher {name} orders its labels {theirs}; {task_name} needs {ours}")

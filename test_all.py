@@ -603,6 +603,23 @@ def test_predict_test_writes_glue_server_files_and_a_model_card(glue_dir, tiny_b
     assert f"GLUE {task}" in card and "--strategy none" in card
 
 
+def test_model_card_front_matter_survives_yaml_characters():
+    """The card's front matter is YAML built by the hub's own library: a run folder named with YAML's
+    special characters still parses, and the base model is left out when it is a local path."""
+    import types
+    import yaml
+    config = types.SimpleNamespace(base_model="org/base: v1 #2", num_hidden_layers=2)
+    args = distill.parse_args(["--task", "MNLI", "--out_dir", "runs/a: b #c"])
+    dev = {"dev_matched": {"accuracy": 0.5}, "dev_mismatched": {"accuracy": 0.25}}
+    card = distill.model_card(args, types.SimpleNamespace(config=config), dev, ["t/x"], [1.0])
+    front = yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
+    assert front["base_model"] == "org/base: v1 #2" and front["model-index"][0]["name"] == "a: b #c"
+    assert [(r["dataset"]["split"], r["metrics"][0]["value"]) for r in front["model-index"][0]["results"]] == [
+        ("validation_matched", 0.5), ("validation_mismatched", 0.25)]
+    config.base_model = os.path.abspath("some/folder")
+    card = distill.model_card(args, types.SimpleNamespace(config=config), dev, [], [])
+    assert "base_model" not in yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
+
 def test_single_teacher_and_seeded_repeat(workdir):
     m = run(FAST + ["--strategy", "single", "--teachers", "teachers/RTE/big", "--out_dir", "runs/single"], workdir)
     assert list(m["teachers"]) == ["teachers/RTE/big"]
