@@ -211,6 +211,7 @@ class Loop:
             return  # the phase had finished before the run was killed
         first, skip, step = start
         self.ema = None  # the loss shown and checked for NaN: a moving average over this phase's steps
+        student.train()  # dropout on: from_pretrained hands over a model in eval mode
         for epoch in range(first, epochs + 1):
             t, order_state = self.clock(), self.order.get_state()  # (to redraw the epoch's batches on resume)
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)

@@ -850,6 +850,21 @@ def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
         assert (values[:, 0] > values[:, 1]).float().mean() > 0.8  # the helpful teacher scores higher
 
 
+def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
+    """from_pretrained gives a model in eval mode: every step of every phase must train with dropout on,
+    the first epoch of a phase without a reward (final, and plain fine-tuning) included."""
+    loop, base = tiny_loop(tmp_path, ["--student_layers", "1", "--batch_size", "16"], 64)
+    modes, real = [], distill.Loop.loss
+    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k: modes.append(net.training) or real(
+        self, net, idx, soft_k))
+    soft = kd.soft_targets(torch.randn(2, 64, 2), 2.0)
+    for phase, sampler, reward in [("final", None, None), ("phase1", TeacherSampler(["a", "b"]), "yes")]:
+        student, opt, sched = loop.new_student(base, 1, 64)
+        idx = torch.arange(64) if reward is None else torch.arange(8, 64)
+        reward = distill.Reward(loop, torch.arange(8), soft) if reward else None
+        loop.train(phase, student, opt, sched, 1, idx, soft, sampler, reward)
+    assert len(modes) == 4 + 4 and all(modes), modes  # 64 and 56 examples in batches of 16
+
 def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path):
     """gloo, 2 ranks: each takes half of every batch; without dropout the gradients are the same sums."""
     student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
