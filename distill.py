@@ -327,10 +327,11 @@ class Reward:
 
     def __init__(self, loop, heldout, soft):
         self.loop, self.heldout, self.soft, self.is_lookahead = loop, heldout, soft, loop.args.reward == "lookahead"
-        probes = glue_data.batches(loop.lengths[heldout], loop.args.probe_size or loop.args.batch_size)
-        self.probes = [b for b in probes if len(b) >= loop.world]  # every rank takes a share
-        if not self.probes:
-            raise ValueError(f"{len(heldout)} held-out examples cannot be shared by {loop.world} processes: raise --heldout")
+        size = min(len(heldout), loop.args.probe_size or loop.args.batch_size)
+        self.probes = [b for b in glue_data.batches(loop.lengths[heldout], size) if len(b) >= loop.world]
+        if not self.probes:  # every rank takes a share of a probe
+            raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} processes: "
+                             f"raise --probe_size or --heldout")
         self.state = None  # h [P] (lookahead) or the held-out loss (step): what the next reward needs
 
     def probe(self, step):

@@ -89,8 +89,9 @@ def read_split(path, task_name, labelled=True):
         raise DataError(f"{path} is empty")
     header = rows.pop(0)[1] if task.header or not labelled else list(range(4))
     columns = [task.a if task.header or labelled else "sentence", task.b, task.label if labelled else None]
-    for name in [c for c in columns if c is not None and c not in header]:
-        raise DataError(f"{path}:1: header has no column {name!r} (is this the {task_name} file?)")
+    missing = [c for c in columns if c is not None and c not in header]
+    if missing:
+        raise DataError(f"{path}:1: header has no column {missing[0]!r} (is this the {task_name} file?)")
     ia, ib, il = (header.index(c) if c is not None else None for c in columns)
     kept = [(n, r) for n, r in rows if not (task.skip_short_rows and labelled and len(r) < len(header))]
     for n, row in kept:
@@ -238,7 +239,8 @@ def hub_to_tsv(task_name, split, records, label_names):
         label = f"{r['label']:.3f}" if task.labels is None else str(r["label"])
         if task.labels and label_names and label_names[r["label"]] in task.labels:
             label = label_names[r["label"]]  # MNLI, QNLI, RTE name their labels; the others write 0/1
-        row = dict.fromkeys(header, "") | ({} if columns else {0: "glue", 2: "" if label == "1" else "*"})  # CoLA
+        cola = {0: "glue", 2: "" if label == "1" else "*"}  # CoLA's source and mark (* when unacceptable)
+        row = dict.fromkeys(header, "") | ({} if columns else cola)
         for column, value in [(task.a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
                               ("id", r["idx"]), (task.label, label), ("label1", label)]:
             if column in row and value is not None:

@@ -865,6 +865,16 @@ def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
         loop.train(phase, student, opt, sched, 1, idx, soft, sampler, reward)
     assert len(modes) == 4 + 4 and all(modes), modes  # 64 and 56 examples in batches of 16
 
+def test_held_out_batches_every_rank_can_share(tmp_path):
+    """Under torchrun every rank takes a share of a held-out batch: smaller ones are skipped, and a
+    held-out set too small for the processes stops with one sentence naming the flags."""
+    loop, _ = tiny_loop(tmp_path, ["--probe_size", "4"], 32)
+    loop.world = 3
+    assert [len(b) for b in distill.Reward(loop, torch.arange(9), None).probes] == [4, 4]  # the 1 left over: skipped
+    loop.world = 4
+    with pytest.raises(ValueError, match="held-out batches of 3 cannot be shared by 4 processes: raise --probe_size"):
+        distill.Reward(loop, torch.arange(3), None)
+
 def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path):
     """gloo, 2 ranks: each takes half of every batch; without dropout the gradients are the same sums."""
     student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
