@@ -122,7 +122,8 @@ def autoskd(loop, base, soft, sampler, keep):
         reward = Reward(loop, heldout, soft)
         student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)  # phase-1 optimization
-        print(f"teacher selection: discarded {sampler.select_teachers(keep)}")  # teacher selection
+        discarded = sampler.select_teachers(keep)  # teacher selection
+        print(f"teacher selection: kept {[m for m, on in zip(sampler.names, sampler.active) if on]}, discarded {discarded}")
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)  # phase-2 optimization
     student, opt, sched = loop.new_student(base, a.epochs, n)
     loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
