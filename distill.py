@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -319,10 +320,10 @@ class Reward:
 
         r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,    h = dE/dtheta,  g_j = J^T dL_j/dz,  J = dz/dtheta
 
-    Teachers differ only in dL_j/dz, so ONE product J h (a central difference of two forwards along
-    h) scores the whole team on the same batch and the same held-out examples, and the sampler's
-    baseline sum_j p_j r_j cancels what the batch adds to all of them. h is measured anew every
-    --probe_every steps, on the next held-out batch.
+    Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
+    carries the direction h) scores the whole team on the same batch and the same held-out
+    examples, and the sampler's baseline sum_j p_j r_j cancels what the batch adds to all of them.
+    h is measured anew every --probe_every steps, on the next held-out batch.
     --reward step: the drawn teacher alone, the held-out loss before its step minus after it.
     """
 
@@ -375,27 +376,35 @@ class Reward:
         params = [p for p in student.parameters() if p.requires_grad]
         student.eval()
         logits, i = L.logits(student, mine)
-        grads = torch.autograd.grad(kd.expected_error(logits, L.labels[i]), params, materialize_grads=True)
+        dE_dz = kd.expected_error_grad(logits.detach(), L.labels[i])  # [B, C]
+        grads = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
         student.train()
         return L.reduce_mean(torch.cat([g.reshape(-1) for g in grads]), len(mine))
 
-    @torch.no_grad()
     def lookahead(self, student, idx, h, lr):
         """Every teacher's r_j on the batch idx, [K] (see the class docstring)."""
-        L, (b, i) = self.loop, self.loop.batch(idx)
+        L = self.loop
+        b, i = L.batch(idx)
         names, params = zip(*[(n, p) for n, p in student.named_parameters() if p.requires_grad])  # as in h
-        hs = [v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params)]
-        eps = 1e-4 / float((h * h).sum().clamp_min(1e-12))  # a step along h that moves E by 1e-4
+        weights = tuple(p.detach() for p in params)
+        along_h = tuple(v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params))
+
+        def logits(*w):
+            return torch.func.functional_call(student, dict(zip(names, w)), kwargs=b).logits.float()
+
         student.eval()
-        with torch.autocast(L.device.type, enabled=False):  # (bf16 would drown the difference)
-            z_plus, z_minus = (torch.func.functional_call(student, {n: p.add(v, alpha=s) for n, p, v in zip(
-                names, params, hs)}, kwargs=b).logits.float() for s in (eps, -eps))
+        # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
+        # attention kernels have no forward-mode derivative; the plain one computes the same thing.
+        with torch.autocast(L.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+            z, jh = torch.func.jvp(logits, weights, along_h)  # [B, C] each
         student.train()
-        jh, z = (z_plus - z_minus) / (2 * eps), ((z_plus + z_minus) / 2).requires_grad_()  # [B, C]; z to O(eps^2)
-        with torch.enable_grad():
-            dz = torch.stack([torch.autograd.grad(kd.kd_loss(z, L.labels[i], s[i], L.args.temperature,
-                                                             L.args.alpha), z)[0] for s in self.soft])  # [K, B, C]
-        return L.reduce_mean(lr * (dz * jh).sum((1, 2)), 1)  # DDP averages the ranks' gradients alike
+        z = z.detach().requires_grad_()
+        dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
+        for soft in self.soft:
+            loss = kd.kd_loss(z, L.labels[i], soft[i], L.args.temperature, L.args.alpha)
+            dz.append(torch.autograd.grad(loss, z)[0])
+        values = lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
+        return L.reduce_mean(values, 1)  # DDP averages the ranks' gradients alike
 
 # ------------------------------------------------------------------------------- inputs and outputs
 def resolve_team(args):

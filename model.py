@@ -78,11 +78,24 @@ def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
         soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
     return (1 - alpha) * hard + alpha * soft
 
-def expected_error(logits, labels):
-    """What the lookahead reward measures on held-out examples: 1 - the mean probability of the right
-    label (accuracy made smooth); regression: the squared error. Cross-entropy would serve worse: an
-    overconfident student lowers it fastest by doubting everything, which a teacher that contradicts
-    the labels teaches best."""
+def expected_error_grad(logits, labels):
+    """dE/dz, [B, C]: the gradient over the logits z [B, C] of what the lookahead reward measures on
+    held-out examples, the expected error E = the batch's mean probability of the wrong labels,
+    1 - p_y for the right label y (accuracy made smooth); regression [B, 1]: the mean squared error.
+    With p = softmax(z), for one example:
+
+        dE/dz_c = p_c * p_y           for every wrong label c
+        dE/dz_y = -p_y * (1 - p_y)    with 1 - p_y summed over the wrong labels' p
+
+    Written out, not left to autograd through 1 - p_y: float32 rounds a confident p near 1, and the
+    difference would lose its digits (right or wrong, the student is confident late in training).
+    Cross-entropy would serve worse as E: an overconfident student lowers it fastest by doubting
+    everything, which a teacher that contradicts the labels teaches best."""
+    n = logits.shape[0]
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits[:, 0], labels.float())
-    return 1 - torch.softmax(logits, -1).gather(1, labels[:, None]).mean()
+        return 2 * (logits - labels[:, None].float()) / n
+    p = torch.softmax(logits, -1)  # [B, C]
+    right = F.one_hot(labels, p.shape[-1]).bool()  # [B, C]
+    p_right = p.masked_fill(~right, 0).sum(-1, keepdim=True)  # [B, 1]
+    p_wrong = p.masked_fill(right, 0).sum(-1, keepdim=True)  # [B, 1]
+    return torch.where(right, -p * p_wrong, p * p_right) / n
