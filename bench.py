@@ -14,6 +14,12 @@
    results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
 matplotlib is needed for the picture only (pip install matplotlib).
 
+    python bench.py --selection --task MRPC --base_model <hub name or folder>
+
+runs instead AutoSKD alone, on the same team (the same runs as the full bench's auto row) and on a
+team of three (two helpful teachers and the contradicting one, --keep 2, five seeds), and writes
+results/<TASK>-selection.md: each teacher's phase-1 evidence, its p, and what selection made of it.
+
     python bench.py --speed --task MRPC --base_model <hub name or folder>
 
 measures instead what distillation costs next to plain fine-tuning of the same student on the same
@@ -73,6 +79,7 @@ def parse_args(argv=None):
                    help='an extra auto row with other distill.py flags, e.g. --variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
+    p.add_argument("--selection", action="store_true", help="check teacher selection instead (see above)")
     p.add_argument("--speed", action="store_true", help="measure speed and memory instead (see above)")
     return p.parse_args(argv)
 
@@ -148,7 +155,8 @@ def main(argv=None):
     if a.speed:
         return speed(a)
     work, data_dir, dirs, team, scores = make_team(a, t0)
-    common = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache")]
+    if a.selection:
+        return selection(a, work, data_dir, dirs, t0)
 
     # 2. every strategy and seed, same student and budget. `single` runs once per teacher: what each
     # teacher is worth to this student, distilled alone, is the ranking a learned distribution should find.
@@ -159,15 +167,21 @@ def main(argv=None):
     argvs = {}
     for seed in a.seeds:  # auto rows first: they are the longest
         for row, (strategy, prefix, teachers, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
-            argvs[row, seed] = common + [
-                "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
-                "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", str(seed),
-                "--out_dir", os.path.join(work, f"{prefix}-seed{seed}")] + (["--teachers"] + teachers if teachers else []) + extra
+            argvs[row, seed] = run_argv(a, work, data_dir, strategy, f"{prefix}-seed{seed}", teachers, seed) + extra
     done = run_all(a.jobs, argvs, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
     report(a, work, runs, {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"},
            scores, time.time() - t0, run_s)
+
+
+def run_argv(a, work, data_dir, strategy, name, teachers, seed):
+    """distill.py's flags for one run of the bench: every run has the same student and budget."""
+    argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache"),
+            "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
+            "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr),
+            "--seed", str(seed), "--out_dir", os.path.join(work, name)]
+    return argv + (["--teachers"] + teachers if teachers else [])
 
 
 def make_team(a, t0):
@@ -384,6 +398,52 @@ def plot(dists, path, task):
     axes[0][-1].legend(fontsize=8)
     fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
     os.replace(path + ".tmp.png", path)
+
+
+# ------------------------------------------------------------------------------- --selection
+THREE = ("L6-s1", "L3", "L6-contra")  # two helpful teachers of different depths and the harmful one
+
+
+def selection(a, work, data_dir, dirs, t0):
+    """AutoSKD on the bench's team (its auto row: same runs, reused) and on the team of three with
+    --keep 2 over seeds 0-4; per run, every teacher's phase-1 evidence and what selection did."""
+    at = dict(zip(TEAM, dirs))
+    argvs = {("team", seed): run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed) for seed in a.seeds}
+    for seed in range(5):
+        argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
+                                        [at[n] for n in THREE], seed) + ["--keep", "2"]
+    run_all(a.jobs, argvs, t0)
+    rows, lines = [], ["| team | seed | " + " | ".join(f"{n}: reward ± se, p" for n in TEAM) + " | harmful below every "
+                       "kept teacher by (standard errors) | harmful discarded |", "|---" * (len(TEAM) + 4) + "|"]
+    for (team, seed), argv in argvs.items():
+        with open(os.path.join(distill.parse_args(argv).out_dir, "distribution.json")) as f:
+            d = json.load(f)
+        row = selection_row(d, team, seed)
+        rows.append(row)
+        cells = [f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}" + ("" if t["kept"] else " (out)")
+                 if name in row["teachers"] else "-" for name in TEAM for t in [row["teachers"].get(name)]]
+        lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | {row['harmful_discarded']} |")
+    rule = [r for r in rows if r["harmful_z"] > 3]
+    lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard errors (of the "
+              f"step-by-step difference) below every kept teacher's is discarded. It applies to {len(rule)} of "
+              f"{len(rows)} runs, and holds in {sum(r['harmful_discarded'] for r in rule)} of them. (out): "
+              f"discarded by selection; p: after phase-1."]
+    write_text(os.path.join(a.out, f"{a.task}-selection.json"), portable(json.dumps(rows, indent=1)))
+    write_text(os.path.join(a.out, f"{a.task}-selection.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def selection_row(d, team, seed):
+    """One run's selection: each teacher's evidence by bench name, and the harmful teacher's gap to the
+    kept teachers in standard errors of the paired step-by-step difference (the smallest gap)."""
+    names = [os.path.basename(t) for t in d["teachers"]]
+    evidence = {os.path.basename(t["teacher"]): t for t in d["selection"]}
+    rewards, paired = phase1_rewards(d, names)
+    harmful = next(n for n in names if TEAM[n][2] == HARMFUL)
+    kept = [n for n in names if evidence[n]["kept"] and n != harmful]
+    return {"team": team, "seed": seed, "teachers": evidence,
+            "harmful_z": min((gap_z(rewards[k], rewards[harmful], paired) for k in kept), default=math.nan),
+            "harmful_discarded": not evidence[harmful]["kept"]}
 
 
 # ------------------------------------------------------------------------------- --speed

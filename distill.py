@@ -123,12 +123,23 @@ def autoskd(loop, base, soft, sampler, keep):
         reward = Reward(loop, heldout, soft)
         student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)  # phase-1 optimization
-        discarded = sampler.select_teachers(keep)  # teacher selection
-        print(f"teacher selection: kept {[m for m, on in zip(sampler.names, sampler.active) if on]}, discarded {discarded}")
+        sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
+        show_selection(sampler)
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)  # phase-2 optimization
     student, opt, sched = loop.new_student(base, a.epochs, n)
     loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
     return student
+
+def show_selection(sampler):
+    """Each teacher's phase-1 evidence, its p after phase-1 and what selection made of it."""
+    print("teacher selection by mean phase-1 advantage (reward: mean ± standard error, n steps):")
+    for t in sampler.record()["selection"]:
+        verdict = "kept     " if t["kept"] else "discarded"
+        if t["n"] == 0:
+            print(f"  {verdict} {t['teacher']}: never measured, p {t['p']:.3f}")
+            continue
+        se = f"{t['reward_se']:.1e}" if t["reward_se"] is not None else "-"
+        print(f"  {verdict} {t['teacher']}: reward {t['reward']:+.3e} ± {se} (n {t['n']}), p {t['p']:.3f}")
 
 # ------------------------------------------------------------------------------- the training loop
 def warmup_then_decay(step, warmup, total):

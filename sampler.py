@@ -19,9 +19,19 @@ other theta_j by -lr * A * p_j; the single-weight strategy drops those terms. Di
 variant; normalize=False turns it off) frees lr from the reward's units, which shrink as the student
 learns. With warmup=W, the first W rewards only set b and s.
 
-Selection rule (select_teachers): keep the `keep` teachers of highest weight. A discarded teacher's
-theta is masked to -inf, so the softmax over the kept ones hands out the discarded mass in
-proportion to the kept teachers' own weights: p'_k = p_k / sum_{kept} p_j.
+Selection rule (select_teachers): keep the `keep` teachers with the highest mean phase-1 advantage,
+not the highest p. With single-weight updates theta_k moves only when k is drawn, so among the
+teachers behind the leader p keeps the order in which they fell behind and the luck of the draws:
+a harmful teacher that drew an early lead can end phase-1 above a helpful one it is measurably
+worse than. The evidence has no such history:
+  - every teacher scored at every step (the lookahead reward): the mean over all phase-1 steps of
+    r_j - b, the same steps and batches for every teacher (it ranks as the mean reward does, b
+    being the same for all at a step);
+  - the drawn teacher alone (a measured step reward): the mean of r_k - b over k's own draws, b the
+    moving average, so that rewards shrinking as the student learns do not favour whoever was
+    drawn early. A teacher never drawn has no evidence and ranks last.
+A discarded teacher's theta is masked to -inf, so the softmax over the kept ones hands out the
+discarded mass in proportion to the kept teachers' own weights: p'_k = p_k / sum_{kept} p_j.
 """
 import math
 
@@ -40,6 +50,7 @@ class TeacherSampler:
         self.baseline, self.var, self.steps = 0.0, 0.0, 0
         self.generator = torch.Generator().manual_seed(seed)
         self.trace, self.rewards = [], []  # p after every update [steps][K]; (k, reward) of every update
+        self.advantages = []  # r_j - b of every update [steps][K]; None for a teacher not measured
         self.phase1_steps = None            # updates before the first teacher selection
 
     def probs(self):
@@ -54,13 +65,16 @@ class TeacherSampler:
         """Stochastic single-weight REINFORCE step for the sampled teacher k; returns the advantage.
         reward: k's alone (a float; b: a moving average of past rewards), or every teacher's on this
         step's batch (a list of K; b = sum_j p_j r_j, the expected reward of this very step)."""
+        advantages = [None] * len(self.names)
         if isinstance(reward, list):
-            adv = reward[k] - float(self.probs() @ torch.tensor(reward, dtype=torch.float64))
+            rewards = torch.tensor(reward, dtype=torch.float64)  # [K]
+            advantages = (rewards - float(self.probs() @ rewards)).tolist()
         else:
             if self.steps == 0:
                 self.baseline = reward  # no history yet: the first reward only sets the baseline
-            adv = reward - self.baseline
+            advantages[k] = reward - self.baseline
             self.baseline = self.momentum * self.baseline + (1 - self.momentum) * reward
+        adv = advantages[k]
         self.var = self.momentum * self.var + (1 - self.momentum) * adv * adv
         if self.normalize and self.var > 0:
             adv = adv / math.sqrt(self.var)
@@ -69,23 +83,52 @@ class TeacherSampler:
         self.steps += 1
         self.trace.append(self.probs().tolist())
         self.rewards.append([k, reward])
+        self.advantages.append(advantages)
         return adv
 
     def select_teachers(self, keep):
-        """Teacher selection after phase-1: keep the `keep` heaviest active teachers; their weight goes
-        to the kept ones pro rata (see above). Returns every discarded name; selecting again changes nothing."""
+        """Teacher selection after phase-1: keep the `keep` active teachers with the highest mean
+        phase-1 advantage (see above; ties go to the higher p); the weight of the others goes to the
+        kept ones pro rata. Returns every discarded name; selecting again changes nothing."""
         check_keep(keep, sum(self.active))
-        kept = set(torch.argsort(self.probs(), descending=True)[:keep].tolist())
-        self.active = [i in kept for i in range(len(self.names))]
-        self.phase1_steps = self.steps if self.phase1_steps is None else self.phase1_steps
+        if self.phase1_steps is None:
+            self.phase1_steps = self.steps
+        evidence, p = self.evidence(), self.probs().tolist()
+        score = [e["advantage"] if e["n"] else -math.inf for e in evidence]  # no evidence: last
+        active = [i for i in range(len(self.names)) if self.active[i]]
+        ranked = sorted(active, key=lambda i: (score[i], p[i]), reverse=True)
+        self.active = [i in ranked[:keep] for i in range(len(self.names))]
         return self.record()["discarded"]
+
+    def evidence(self):
+        """What phase-1 measured of each teacher, a list of K dicts: n (the steps that measured it),
+        its mean reward with the standard error, and its mean advantage r - b (None when unmeasured)."""
+        n1 = self.steps if self.phase1_steps is None else self.phase1_steps
+        out = []
+        for j in range(len(self.names)):
+            rewards, advantages = [], []
+            for (_, r), a in zip(self.rewards[:n1], self.advantages[:n1]):
+                if a[j] is not None:  # j was measured at this step
+                    rewards.append(r[j] if isinstance(r, list) else r)
+                    advantages.append(a[j])
+            n = len(rewards)
+            r = torch.tensor(rewards, dtype=torch.float64)  # [n]
+            out.append({"n": n,
+                        "reward": float(r.mean()) if n else None,
+                        "reward_se": float(r.std() / math.sqrt(n)) if n > 1 else None,
+                        "advantage": sum(advantages) / n if n else None})
+        return out
 
     def record(self):
         """What distribution.json shows of the learning: p after every step of phase-1 and of phase-2,
-        [teacher drawn, reward] of every step, and the teachers selection discarded."""
+        [teacher drawn, reward] of every step, each teacher's phase-1 evidence and p at selection,
+        and the teachers selection discarded."""
         n1 = self.steps if self.phase1_steps is None else self.phase1_steps
+        p1 = self.trace[n1 - 1] if n1 else [1 / len(self.names)] * len(self.names)
+        selection = [{"teacher": name, "p": p, "kept": on} | e
+                     for name, p, on, e in zip(self.names, p1, self.active, self.evidence())]
         return {"phase1": self.trace[:n1], "phase2": self.trace[n1:], "rewards": self.rewards,
-                "discarded": [n for n, on in zip(self.names, self.active) if not on]}
+                "selection": selection, "discarded": [n for n, on in zip(self.names, self.active) if not on]}
 
     # ------------------------------------------------------------------ plain data (for resume.pt)
     def state_dict(self):

@@ -384,6 +384,46 @@ def test_sampler_learns_the_best_teacher_and_selection_keeps_it():
         s.select_teachers(3)
 
 
+def test_selection_follows_the_evidence_not_an_early_lead():
+    """Every teacher scored at every step; the harmful one's first 20 rewards are rigged high, then it
+    scores below both helpful ones. p keeps the lead's history (it ranks the harmful teacher above
+    helpful-b in some seeds); selection by the mean phase-1 advantage discards it in every seed."""
+    true, lead, steps = [1.0, 0.4, -0.4], 2.5, 136  # mean reward of helpful-a, helpful-b, harmful
+    p_keeps_harmful = 0
+    for seed in range(10):
+        s, noise = TeacherSampler(["helpful-a", "helpful-b", "harmful"], seed=seed), random.Random(seed)
+        for step in range(steps):
+            rewards = [m + noise.gauss(0, 1) for m in true]
+            if step < 20:
+                rewards[2] = lead + noise.gauss(0, 1)
+            s.update(s.sample(), rewards)
+        p_keeps_harmful += int(s.probs().argmin()) != 2
+        assert s.select_teachers(2) == ["harmful"], seed
+        evidence = s.record()["selection"]
+        assert [e["n"] for e in evidence] == [steps] * 3 and [e["kept"] for e in evidence] == [True, True, False]
+        values = np.array([r for _, r in s.rewards])  # [steps, K]
+        assert [e["reward"] for e in evidence] == pytest.approx(values.mean(0).tolist())
+        assert [e["reward_se"] for e in evidence] == pytest.approx((values.std(0, ddof=1) / steps ** 0.5).tolist())
+        assert [e["p"] for e in evidence] == s.trace[steps - 1]
+        assert s.select_teachers(2) == ["harmful"]  # selecting again changes nothing
+    assert p_keeps_harmful > 0  # the draw history p carries, which selection must not follow
+
+
+def test_selection_with_a_step_reward_reads_each_teachers_own_draws():
+    """Only the drawn teacher is measured: its evidence is the mean advantage over its own draws;
+    a teacher never drawn has none and ranks last."""
+    s = TeacherSampler(["a", "b", "c"], seed=0)
+    s.probs = lambda: torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)  # c is never drawn
+    for k, r in [(0, 1.0), (1, 3.0), (0, 2.0), (1, 1.0)]:
+        s.update(k, r)
+    evidence = s.evidence()
+    assert [e["n"] for e in evidence] == [2, 2, 0] and evidence[2]["reward"] is None
+    b = [1.0, 1.0, 0.9 * 1.0 + 0.1 * 3.0, 0.9 * 1.2 + 0.1 * 2.0]  # the moving baseline before each step
+    assert evidence[0]["advantage"] == pytest.approx(((1.0 - b[0]) + (2.0 - b[2])) / 2)
+    assert evidence[1]["advantage"] == pytest.approx(((3.0 - b[1]) + (1.0 - b[3])) / 2)
+    assert s.select_teachers(2) == ["c"]
+
+
 def test_sampler_warmup_rewards_only_set_the_baseline():
     s = TeacherSampler(["a", "b"], lr=1.0, momentum=0.5, seed=0, warmup=3)
     for r in (1.0, 4.0, 2.0):
@@ -1087,6 +1127,14 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+    bench.main(argv + ["--selection"])  # the auto row's runs are reused; the team of three runs anew
+    rows = json.load(open(os.path.join(out, "MRPC-selection.json")))
+    assert [(r["team"], r["seed"]) for r in rows] == [("team", 0), ("team", 1)] + [("three", s) for s in range(5)]
+    logged = json.load(open(os.path.join(out, "MRPC", "auto-seed0", "distribution.json")))["selection"]
+    assert list(rows[0]["teachers"].values()) == logged
+    assert all(sorted(r["teachers"]) == sorted(bench.THREE) for r in rows[2:])
+    assert all(sum(t["kept"] for t in r["teachers"].values()) == 2 for r in rows[2:])
+    assert "| three | 4 |" in open(os.path.join(out, "MRPC-selection.md")).read()
 
 
 def test_bench_teacher_share_of_reward_variance():
