@@ -345,7 +345,7 @@ class Reward:
         if not self.probes:  # every rank takes a share of a probe
             raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} processes: "
                              f"raise --probe_size or --heldout")
-        self.state = None  # h [P] (lookahead) or the held-out loss (step): what the next reward needs
+        self.state = None  # h (lookahead) or the held-out loss (step): what the next reward needs
 
     def probe(self, step):
         """The held-out examples of this step (a batch kept for --probe_every steps)."""
@@ -382,7 +382,8 @@ class Reward:
 
     def heldout_grad(self, student, idx):
         """h: the gradient of the expected error on held-out examples (no dropout) over the trainable
-        weights, averaged over ranks, flat [P]."""
+        weights, averaged over ranks: a list of tensors shaped as the weights, each with a storage
+        of its own (forward-mode AD would copy a slice of a larger tensor at every use)."""
         L, mine = self.loop, idx[self.loop.rank::self.loop.world]
         params = [p for p in student.parameters() if p.requires_grad]
         student.eval()
@@ -390,7 +391,8 @@ class Reward:
         dE_dz = kd.expected_error_grad(logits.detach(), L.labels[i])  # [B, C]
         grads = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
         student.train()
-        return L.reduce_mean(torch.cat([g.reshape(-1) for g in grads]), len(mine))
+        h = L.reduce_mean(torch.cat([g.reshape(-1) for g in grads]), len(mine))  # [P]
+        return [v.view_as(p).clone() for v, p in zip(h.split([p.numel() for p in params]), params)]
 
     def lookahead(self, student, idx, h, lr):
         """Every teacher's r_j on the batch idx, [K] (see the class docstring)."""
@@ -398,7 +400,6 @@ class Reward:
         b, i = L.batch(idx)
         names, params = zip(*[(n, p) for n, p in student.named_parameters() if p.requires_grad])  # as in h
         weights = tuple(p.detach() for p in params)
-        along_h = tuple(v.view_as(p) for v, p in zip(h.split([p.numel() for p in params]), params))
 
         def logits(*w):
             return torch.func.functional_call(student, dict(zip(names, w)), kwargs=b).logits.float()
@@ -407,7 +408,7 @@ class Reward:
         # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
         # attention kernels have no forward-mode derivative; the plain one computes the same thing.
         with torch.autocast(L.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-            z, jh = torch.func.jvp(logits, weights, along_h)  # [B, C] each
+            z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
         student.train()
         z = z.detach().requires_grad_()
         dz = []  # dL_j/dz for every teacher j: [K] of [B, C]

@@ -915,7 +915,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
         # room. The central difference of two forwards that J h once was reached 1e5 u. A wrong
         # reward is off by the value's own size (cross-entropy for the expected error, a missing
         # lr: checked to fail).
-        h_error = float((h.double() - h_exact).norm())
+        h_error = float((torch.cat([x.reshape(-1) for x in h]).double() - h_exact).norm())
         tol = lr * g_norms * (h_error + 100 * 2.0 ** -24 * float(h_exact.norm()))  # [K]
         assert np.all(np.abs(predicted - first_order) <= tol), (trained, predicted, first_order, tol)
         gaps = first_order[1:] - first_order[0]  # what the sampler's advantage is made of
