@@ -210,7 +210,7 @@ def make_team(a, t0):
     for name, d in zip(TEAM, dirs):
         if TEAM[name][2] == HARMFUL:
             contradict(os.path.join(work, "teachers", "L6-s1"), d, a.task)
-    loaded = team_lib.load_team(dirs, a.task, data_dir, glue_data.load_task(data_dir, a.task), a.max_seq_len,
+    loaded = team_lib.load_team(dirs, a.task, glue_data.load_task(data_dir, a.task), a.max_seq_len,
                                 os.path.join(work, "cache"), DEVICE)
     return work, data_dir, dirs, team, {n: glue_data.score(t.dev_metrics) for n, t in zip(TEAM, loaded)}
 
@@ -488,7 +488,7 @@ def speed(a):
     torch.set_num_threads(1)
     shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
     t = time.time()
-    team_lib.load_team(dirs, a.task, data_dir, data, a.max_seq_len, os.path.join(work, "cache"), DEVICE)
+    team_lib.load_team(dirs, a.task, data, a.max_seq_len, os.path.join(work, "cache"), DEVICE)
     fill_s = time.time() - t
     enc_len = glue_data.lengths(glue_data.encode(AutoTokenizer.from_pretrained(dirs[0]), data["train"], a.max_seq_len))
 

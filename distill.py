@@ -29,7 +29,7 @@ import model as kd
 import teachers as team_lib
 from sampler import TeacherSampler, check_keep
 
-STRATEGIES = ("auto", "uniform", "single", "ensemble", "none")
+STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
 
 def parse_args(argv=None):
@@ -41,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--student_layers", type=int, help="keep this many bottom layers (default: all)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
     p.add_argument("--keep", type=int, help="teachers kept by selection (default: half the team, rounded up)")
+    p.add_argument("--weights", type=float, nargs="+", help="--strategy skd: p over the sorted team "
+                   "(default: teacher-rank, from the teachers' dev scores)")
+    p.add_argument("--transfer", help="unlabelled examples in the task's test-file format, distilled on "
+                   "by every strategy with a teacher")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the final (reported) training")
     p.add_argument("--phase1_epochs", type=int, default=1)
     p.add_argument("--phase2_epochs", type=int, default=1)
@@ -78,15 +82,18 @@ def main(args):
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
         return
     data = glue_data.load_task(args.data_dir, args.task)
+    transfer = load_transfer(args)
     test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}  # a bad row stops us now
     names, base = resolve_team(args)
+    check_skd_weights(args, names)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
     if args.strategy == "auto":
         check_keep(keep, len(names))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    loop = Loop(args, data, tokenizer)
-    team = team_lib.load_team(names, args.task, args.data_dir, data, args.max_seq_len, args.cache_dir,
+    loop = Loop(args, data, tokenizer, transfer)
+    teacher_data = data | ({"transfer": transfer} if transfer else {})
+    team = team_lib.load_team(names, args.task, teacher_data, args.max_seq_len, args.cache_dir,
                               loop.device) if names else []
     loop.timings["teachers_s"] = time.time() - t0
     soft, sampler = setup(args, team, loop.device)
@@ -109,25 +116,40 @@ def setup(args, team, device):
     if args.strategy == "single":
         return soft, None
     sampler = TeacherSampler([t.name for t in team], lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
-    return soft, sampler  # auto: p is learned; uniform: p stays uniform
+    if args.strategy == "skd":  # SKDBERT: a fixed p, p_k = w_k / sum_j w_j
+        weights = args.weights or teacher_rank([glue_data.score(t.dev_metrics) for t in team])
+        sampler.theta = torch.tensor(weights, dtype=torch.float64).log()
+        print("skd distribution: " + ", ".join(f"{t.name} {p:.3f}" for t, p in zip(team, sampler.probs())))
+    return soft, sampler  # auto: p is learned; uniform and skd: p stays as it is
+
+def teacher_rank(scores):
+    """SKDBERT's teacher-rank distribution, as we read it (its formula could not be read here): rank
+    the teachers 1 (worst) to K (best) by their scores, ties sharing the mean rank; p_k = rank_k /
+    sum_j rank_j."""
+    ranks = glue_data.ranks(scores)
+    return [r / sum(ranks) for r in ranks]
 
 def autoskd(loop, base, soft, sampler, keep):
     """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
     phase-1 over the whole team, teacher selection, phase-2 over the kept teachers, with rewards on
-    the held-out examples. Then the final student, the one reported (every strategy): fresh, on all
-    of train, drawing its teachers from the frozen p."""
-    a, n = loop.args, len(loop.labels)
+    held-out labelled examples. Then the final student, the one reported (every strategy): fresh, on
+    all of train (and the transfer set), drawing its teachers from the frozen p."""
+    a = loop.args
+    n = loop.n_labelled  # train's examples; those of the transfer set follow them
+    everything = torch.arange(len(loop.labels))  # [N + M]
     if a.strategy == "auto":
-        split, n_held = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed)), max(1, int(a.heldout * n))
-        heldout, train_idx = split[:n_held], split[n_held:]  # the reward's examples are never trained on here
+        split = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
+        n_held = max(1, int(a.heldout * n))
+        heldout = split[:n_held]  # the reward's examples, never trained on in phases 1-2
+        train_idx = torch.cat([split[n_held:], everything[n:]])
         reward = Reward(loop, heldout, soft)
         student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
-        loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)  # phase-1 optimization
+        loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
         sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
         show_selection(sampler)
-        loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)  # phase-2 optimization
-    student, opt, sched = loop.new_student(base, a.epochs, n)
-    loop.train("final", student, opt, sched, a.epochs, torch.arange(n), soft, sampler)  # p frozen: no reward
+        loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
+    student, opt, sched = loop.new_student(base, a.epochs, len(everything))
+    loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)  # p frozen: no reward
     return student
 
 def show_selection(sampler):
@@ -149,7 +171,7 @@ def warmup_then_decay(step, warmup, total):
 class Loop:
     """What every phase shares: the task's data, encoded once for the student, the device and ranks."""
 
-    def __init__(self, args, data, tokenizer):
+    def __init__(self, args, data, tokenizer, transfer=None):
         self.args, self.data, self.tokenizer = args, data, tokenizer
         world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -159,9 +181,15 @@ class Loop:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world = (dist.get_rank() if world > 1 else 0), world
         self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter  # (CPU: steal-proof)
-        self.enc = glue_data.encode(tokenizer, data["train"], args.max_seq_len)  # [N] token ids
-        self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N]
-        self.labels = torch.tensor(data["train"].labels, device=self.device)  # [N] long; STS-B: float
+        # The training examples: the N labelled ones of train, then the M of the transfer set if any.
+        train = data["train"]
+        examples = glue_data.concat(train, transfer) if transfer else train
+        self.n_labelled = len(train)
+        self.enc = glue_data.encode(tokenizer, examples, args.max_seq_len)  # [N + M] token ids
+        self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N + M]
+        labels = train.labels + [0] * (len(examples) - len(train))  # a transfer example's: unused
+        self.labels = torch.tensor(labels, device=self.device)  # [N + M] long; STS-B: float
+        self.labelled = torch.arange(len(examples), device=self.device) < len(train)  # [N + M]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.timings = {}  # timings (since this process started) go to metrics.json
         try:  # write a file: permission bits say nothing to root or on a read-only disk
@@ -204,7 +232,7 @@ class Loop:
         """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (labels only)."""
         logits, i = self.logits(student, idx)
         return kd.kd_loss(logits, self.labels[i], soft_k[i] if soft_k is not None else None,
-                          self.args.temperature, self.args.alpha)
+                          self.args.temperature, self.args.alpha, self.labelled[i])
 
     def reduce_mean(self, value, n):
         """Mean over ranks of a per-rank mean (a tensor of any shape) of n examples."""
@@ -413,7 +441,7 @@ class Reward:
         z = z.detach().requires_grad_()
         dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
         for soft in self.soft:
-            loss = kd.kd_loss(z, L.labels[i], soft[i], L.args.temperature, L.args.alpha)
+            loss = kd.kd_loss(z, L.labels[i], soft[i], L.args.temperature, L.args.alpha, L.labelled[i])
             dz.append(torch.autograd.grad(loss, z)[0])
         values = lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
         return L.reduce_mean(values, 1)  # DDP averages the ranks' gradients alike
@@ -443,6 +471,28 @@ def resolve_team(args):
                          "pass --student <name or folder>")
     print(f"student: {base} (the base model the teachers were fine-tuned from)")
     return names, base
+
+def load_transfer(args):
+    """The transfer set (Examples without labels), or None. `none` has no teacher to label it."""
+    if not args.transfer:
+        return None
+    if args.strategy == "none":
+        print(f"note: --strategy none has no teacher to label {args.transfer}; it is not used")
+        return None
+    return glue_data.read_split(args.transfer, args.task, labelled=False)
+
+def check_skd_weights(args, names):
+    """--weights: one non-negative weight per teacher of the sorted team, not all zero; skd only."""
+    if args.weights is None:
+        return
+    if args.strategy != "skd":
+        raise ValueError(f"--weights sets --strategy skd's distribution; --strategy is {args.strategy}")
+    if len(args.weights) != len(names):
+        raise ValueError(f"--weights gives {len(args.weights)} weights for {len(names)} teachers "
+                         f"(in this order: {', '.join(names)})")
+    if min(args.weights) < 0 or max(args.weights) == 0:
+        raise ValueError(f"--weights {' '.join(map(str, args.weights))}: each must be >= 0, "
+                         f"and one at least > 0")
 
 def save(loop, student, team, sampler, test):
     """The student with its model card, metrics.json, distribution.json and the test predictions, each

@@ -49,9 +49,10 @@ class DataError(ValueError):
 
 @dataclass
 class Examples:
-    text_a: list   # [N] str
-    text_b: list   # [N] str, or None for single-sentence tasks
-    labels: list   # [N] int class index, or float score for STS-B (None: a test file)
+    text_a: list      # [N] str
+    text_b: list      # [N] str, or None for single-sentence tasks
+    labels: list      # [N] int class index, or float score for STS-B (None: a test file)
+    source: str = ""  # the file they were read from
 
     def __len__(self):
         return len(self.labels)
@@ -102,7 +103,12 @@ def read_split(path, task_name, labelled=True):
     if not kept:
         raise DataError(f"{path} holds no examples")
     return Examples([r[ia] for _, r in kept], [r[ib] for _, r in kept] if task.b else None,
-                    [parse_label(r[il], task, f"{path}:{n}") if labelled else None for n, r in kept])
+                    [parse_label(r[il], task, f"{path}:{n}") if labelled else None for n, r in kept], path)
+
+def concat(first, second):
+    """The examples of first, then those of second (labels None where second has none)."""
+    text_b = first.text_b + second.text_b if first.text_b is not None else None
+    return Examples(first.text_a + second.text_a, text_b, first.labels + second.labels)
 
 def parse_label(text, task, where):
     if task.labels is None:

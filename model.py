@@ -9,6 +9,8 @@ with the hard labels (Hinton et al.'s KD loss). Here:
     loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
               x_T = softmax(logits / T); T^2 keeps the soft gradients' scale independent of T.
               STS-B (one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
+              An unlabelled example of a transfer set (more text than is labelled, as DistilBERT and
+              TinyBERT distil on): the soft part alone, T^2 * KL or MSE(student, teacher).
 """
 import os
 import zipfile
@@ -65,18 +67,27 @@ def soft_targets(teacher_logits, T):
     """Teacher outputs [..., C] -> the distribution softmax(logits / T); regression [..., 1] unchanged."""
     return teacher_logits if teacher_logits.shape[-1] == 1 else torch.softmax(teacher_logits / T, -1)
 
-def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5):
+def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5, labelled=None):
     """Distillation loss of a batch: student_logits [B, C] (regression: [B, 1]); labels [B]; targets:
-    the teacher's soft_targets() [B, C] (regression: its prediction [B, 1]), or None (labels alone)."""
+    the teacher's soft_targets() [B, C] (regression: its prediction [B, 1]), or None (labels alone).
+    labelled [B] bool, or None for all: an example of the transfer set has no label, and its loss is
+    the soft part alone."""
     regression = student_logits.shape[-1] == 1
-    hard = F.mse_loss(student_logits[:, 0], labels.float()) if regression else F.cross_entropy(student_logits, labels)
-    if targets is None or alpha == 0:
-        return hard
+    if targets is None or alpha == 0:  # (the transfer set comes with a teacher only)
+        if regression:
+            return F.mse_loss(student_logits[:, 0], labels.float())
+        return F.cross_entropy(student_logits, labels)
     if regression:
-        soft = F.mse_loss(student_logits, targets)
-    else:  # KL(p_teacher || p_student), mean over the batch, times T^2
-        soft = F.kl_div(F.log_softmax(student_logits / T, -1), targets, reduction="batchmean") * T * T
-    return (1 - alpha) * hard + alpha * soft
+        hard = (student_logits[:, 0] - labels.float()) ** 2  # [B]
+        soft = ((student_logits - targets) ** 2)[:, 0]  # [B]
+    else:  # KL(p_teacher || p_student) of each example, times T^2
+        hard = F.cross_entropy(student_logits, labels, reduction="none")  # [B]
+        log_p = F.log_softmax(student_logits / T, -1)
+        soft = F.kl_div(log_p, targets, reduction="none").sum(-1) * T * T  # [B]
+    if labelled is None:
+        return ((1 - alpha) * hard + alpha * soft).mean()
+    per_example = torch.where(labelled, (1 - alpha) * hard + alpha * soft, soft)  # [B]
+    return per_example.mean()
 
 def expected_error_grad(logits, labels):
     """dE/dz, [B, C]: the gradient over the logits z [B, C] of what the lookahead reward measures on

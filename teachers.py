@@ -29,7 +29,7 @@ class TeamError(ValueError):
 @dataclass
 class Teacher:
     name: str
-    train: torch.Tensor  # [N, C] logits on the training set (regression: [N, 1])
+    train: torch.Tensor  # [N + M, C] logits on train, then the transfer set if any (regression: C = 1)
     dev_metrics: dict    # {dev split: {metric: value}}
 
 def find_teachers(root):
@@ -64,10 +64,11 @@ def check_teacher(name, folder, task_name):
     if sorted(theirs) == sorted(ours) and theirs != ours:
         raise TeamError(f"teacher {name} orders its labels {theirs}; {task_name} needs {ours}")
 
-def fingerprint(folder, task_name, data_dir, splits, max_len):
-    """sha256 of everything the cached logits depend on."""
+def fingerprint(folder, task_name, data, max_len):
+    """sha256 of everything the cached logits depend on: the checkpoint's files, the data's files
+    ({split: Examples}, each knowing its file), the task and the max length."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {task_name} {max_len}".encode())
-    files = [os.path.join(data_dir, task_name, s + ".tsv") for s in splits]
+    files = [examples.source for examples in data.values()]
     files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
               if f.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))]
     for path in files:
@@ -102,8 +103,9 @@ def teacher_outputs(folder, name, data, max_len, device):
     gc.collect()  # one teacher in memory at a time (on GPU its freed blocks serve the next teacher)
     return outputs
 
-def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
-    """Check, run (or read from the cache) and score every teacher: a list of Teacher."""
+def load_team(names, task_name, data, max_len, cache_dir, device):
+    """Check, run (or read from the cache) and score every teacher: a list of Teacher. data:
+    {split: Examples}, with an unlabelled "transfer" split when there is a transfer set."""
     if not names:
         raise TeamError("no teachers given")
     folders = [local_folder(name) for name in names]
@@ -111,7 +113,7 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
         check_teacher(name, folder, task_name)
     team = []
     for name, folder in zip(names, folders):
-        key = fingerprint(folder, task_name, data_dir, list(data), max_len)
+        key = fingerprint(folder, task_name, data, max_len)
         short = os.path.basename(os.path.normpath(name)).replace("/", "_")
         path = os.path.join(cache_dir, task_name, f"{short}-{key[:16]}.pt")
         outputs = read_cache(path, key, data)
@@ -120,8 +122,10 @@ def load_team(names, task_name, data_dir, data, max_len, cache_dir, device):
             if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 writes
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
-        metrics = {s: glue_data.compute_metrics(task_name, out, data[s].labels) for s, out in outputs.items() if s != "train"}
-        team.append(Teacher(name, outputs["train"], metrics))
+        dev = [s for s in outputs if s not in ("train", "transfer")]
+        metrics = {s: glue_data.compute_metrics(task_name, outputs[s], data[s].labels) for s in dev}
+        train = torch.cat([outputs["train"], outputs.get("transfer", outputs["train"][:0])])  # [N + M, C]
+        team.append(Teacher(name, train, metrics))
         print(f"teacher {name}: {glue_data.show(metrics)}")
     return team
 

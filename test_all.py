@@ -464,6 +464,26 @@ def test_kd_loss_soft_part_and_temperature():
     assert float(kd.kd_loss(r, y, tr, 2.0, alpha=0.5)) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)
 
 
+def test_kd_loss_on_a_transfer_example_is_the_soft_part_alone():
+    """A transfer example has no label: its loss is T^2 KL (regression: the squared distance to the
+    teacher), while a labelled example's mixes in the hard part; the batch's loss is their mean."""
+    torch.manual_seed(0)
+    s, t, labels = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    labelled = torch.tensor([True, False, True, False])
+    pt, ps = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    soft = 4 * (pt * (pt.log() - ps.log())).sum(-1)  # [B]: T^2 KL, T = 2
+    hard = torch.nn.functional.cross_entropy(s, labels, reduction="none")  # [B]
+    want = float(torch.where(labelled, 0.7 * hard + 0.3 * soft, soft).mean())
+    got = kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3, labelled)
+    assert float(got) == pytest.approx(want, rel=1e-5)  # float32 both ways, summed in other orders
+    every = torch.ones(4, dtype=torch.bool)
+    assert float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3, every)) == pytest.approx(
+        float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3)), rel=1e-6)
+    r, y, tr = torch.tensor([[1.0], [2.0]]), torch.tensor([1.5, 2.5]), torch.tensor([[1.0], [3.0]])
+    want = (0.5 * 0.25 + 0.5 * 0.0 + 1.0) / 2  # the second example: (2 - 3)^2 alone
+    assert float(kd.kd_loss(r, y, tr, 2.0, 0.5, torch.tensor([True, False]))) == pytest.approx(want)
+
+
 def test_expected_error_grad_against_autograd_in_float64():
     """dE/dz written out, against autograd through E = 1 - p(right label) in float64 (classes), and
     through the mean squared error (regression); in float32 it keeps its digits where autograd
@@ -529,9 +549,11 @@ def test_cache_is_reused_and_invalidated(tiny_teacher, tmp_path, monkeypatch):
     real = teachers.teacher_outputs
     monkeypatch.setattr(teachers, "teacher_outputs", lambda *a: calls.append(1) or real(*a))
 
-    def load(max_len=32):
+    def load(max_len=32, transfer=None):
         data = glue_data.load_task(str(tmp_path), "RTE")
-        return teachers.load_team([teacher], "RTE", str(tmp_path), data, max_len, str(tmp_path / "c"),
+        if transfer:
+            data["transfer"] = glue_data.read_split(transfer, "RTE", labelled=False)
+        return teachers.load_team([teacher], "RTE", data, max_len, str(tmp_path / "c"),
                                   torch.device("cpu"))[0]
 
     first = load()
@@ -551,6 +573,14 @@ def test_cache_is_reused_and_invalidated(tiny_teacher, tmp_path, monkeypatch):
     newest = max(cached, key=os.path.getmtime)
     newest.write_bytes(newest.read_bytes()[:100])  # truncated by a kill
     assert load().train.shape == (65, 2) and len(calls) == 5  # damaged file: recomputed, not trusted
+    transfer = str(tmp_path / "RTE" / "test.tsv")  # a transfer set: the test file's 21 unlabelled rows
+    with_transfer = load(transfer=transfer)
+    assert with_transfer.train.shape == (65 + 21, 2) and len(calls) == 6
+    assert torch.equal(with_transfer.train[:65], load().train) and len(calls) == 6  # train's part alone: cached
+    assert torch.equal(load(transfer=transfer).train, with_transfer.train) and len(calls) == 6
+    with open(transfer, "a") as f:
+        f.write("21\tthe cat\tthe dog\n")
+    assert load(transfer=transfer).train.shape == (65 + 22, 2) and len(calls) == 7  # transfer set changed
 
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch, tiny_teacher):
@@ -574,7 +604,7 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch, tiny_t
 
     monkeypatch.setattr(teachers.torch, "save", save_dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        teachers.load_team([tiny_teacher], "RTE", str(tmp_path), glue_data.load_task(str(tmp_path), "RTE"), 16,
+        teachers.load_team([tiny_teacher], "RTE", glue_data.load_task(str(tmp_path), "RTE"), 16,
                            str(tmp_path / "c"), torch.device("cpu"))
     assert [p.suffix for p in (tmp_path / "c" / "RTE").iterdir()] == [".tmp"]
 
@@ -593,7 +623,7 @@ def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
     good = make(["entailment", "not_entailment"], "RTE", "good")
     for folder, message in cases.items():
         with pytest.raises(teachers.TeamError, match=message):
-            teachers.load_team([good, folder], "RTE", str(tmp_path), data, 16, str(tmp_path / "c"),
+            teachers.load_team([good, folder], "RTE", data, 16, str(tmp_path / "c"),
                                torch.device("cpu"))
     assert not os.path.exists(str(tmp_path / "c")), "a teacher ran before the misfit was refused"
     os.makedirs(str(tmp_path / "empty"))
@@ -631,6 +661,42 @@ def test_distill_end_to_end(workdir, strategy):
         assert len(dist["rewards"]) == 12 and dist["rewards"][0][0] in (0, 1)
     student = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, out))
     assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
+
+
+def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch, capsys):
+    """Unlabelled examples in the test-file format: every phase trains on them (the reward's held-out
+    examples stay labelled training examples); --strategy none has no teacher and leaves them out."""
+    transfer = os.path.join(workdir, "glue_data", "RTE", "test.tsv")  # 29 rows, no labels
+    trained, probed = set(), set()
+    real_loss, real_probe = distill.Loop.loss, distill.Reward.probe
+    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k: trained.update(idx) or real_loss(
+        self, net, idx, soft_k))
+    monkeypatch.setattr(distill.Reward, "probe", lambda self, step: probed.update(real_probe(self, step)) or
+                        real_probe(self, step))
+    m = run(FAST + ["--strategy", "auto", "--transfer", transfer, "--out_dir", "runs/transfer"], workdir)
+    assert trained == set(range(96 + 29)) and probed and max(probed) < 96  # labelled held-out examples
+    dist = json.load(open(os.path.join(workdir, "runs/transfer/distribution.json")))
+    assert len(dist["phase1"]) == math.ceil((96 - 9 + 29) / 16)  # 9 held out
+    assert m["args"]["transfer"] == transfer
+    trained.clear()
+    run(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"), "--transfer",
+                transfer, "--out_dir", "runs/none-transfer"], workdir)
+    assert trained == set(range(96)) and "has no teacher to label" in capsys.readouterr().out
+
+
+def test_skd_draws_from_a_fixed_distribution(workdir):
+    """SKDBERT's teacher-rank (our reading): ranks 1 (worst) to K (best) by dev score, p = rank / sum;
+    or the weights given, one per teacher of the sorted team."""
+    m = run(FAST + ["--strategy", "skd", "--out_dir", "runs/skd"], workdir)
+    scores = [glue_data.score(m["teachers"][n]) for n in sorted(m["teachers"])]
+    ranks = glue_data.ranks(scores)
+    dist = json.load(open(os.path.join(workdir, "runs/skd/distribution.json")))
+    assert dist["final"] == pytest.approx([r / sum(ranks) for r in ranks]) and "phase1" not in dist
+    assert distill.teacher_rank([0.7, 0.9, 0.8]) == pytest.approx([1 / 6, 3 / 6, 2 / 6])
+    assert distill.teacher_rank([0.7, 0.7]) == pytest.approx([0.5, 0.5])  # a tie shares the mean rank
+    run(FAST + ["--strategy", "skd", "--weights", "3", "1", "--out_dir", "runs/skd-weights"], workdir)
+    dist = json.load(open(os.path.join(workdir, "runs/skd-weights/distribution.json")))
+    assert dist["final"] == pytest.approx([0.75, 0.25])
 
 
 @pytest.mark.parametrize("task", ["RTE", "MNLI", "STS-B", "CoLA"])
@@ -1071,7 +1137,19 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
          r"--out_dir glue_data/RTE/train.tsv/out is not writable \(Not a directory\)"),
         (["--task", "RTE", "--keep", "3", "--cache_dir", "no_cache"], workdir, "--keep 3: the team has 2 teachers"),
         (["--task", "RTE", "--student_layers", "9", "--cache_dir", "no_cache"], workdir, "--student_layers 9: .* has 3"),
+        (["--task", "RTE", "--strategy", "skd", "--weights", "1", "--cache_dir", "no_cache"], workdir,
+         "--weights gives 1 weights for 2 teachers"),
+        (["--task", "RTE", "--strategy", "skd", "--weights", "1", "-1", "--cache_dir", "no_cache"], workdir,
+         "--weights 1.0 -1.0: each must be >= 0"),
+        (["--task", "RTE", "--strategy", "skd", "--weights", "0", "0", "--cache_dir", "no_cache"], workdir,
+         "one at least > 0"),
+        (["--task", "RTE", "--weights", "1", "2", "--cache_dir", "no_cache"], workdir,
+         "--weights sets --strategy skd's distribution; --strategy is auto"),
+        (["--task", "RTE", "--transfer", "bad_transfer.tsv", "--cache_dir", "no_cache"], workdir,
+         "bad_transfer.tsv:3: expected 3 tab-separated fields, found 2"),
     ]
+    with open(os.path.join(workdir, "bad_transfer.tsv"), "w") as f:
+        f.write("index\tsentence1\tsentence2\n0\ta cat\ta dog\n1\tno second sentence\n")
     for argv, cwd, message in cases:
         code, err = cli(argv, str(cwd))
         assert code != 0 and "Traceback" not in err, err
