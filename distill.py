@@ -81,6 +81,7 @@ def main(args):
     if args.resume and os.path.isfile(metrics) and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
         return
+    fetch_missing_data(args)
     data = glue_data.load_task(args.data_dir, args.task)
     transfer = load_transfer(args)
     test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}  # a bad row stops us now
@@ -471,6 +472,19 @@ def resolve_team(args):
                          "pass --student <name or folder>")
     print(f"student: {base} (the base model the teachers were fine-tuned from)")
     return names, base
+
+def fetch_missing_data(args):
+    """Write <data_dir>/<TASK> from the hub's GLUE copy when it is missing, as glue_data.py
+    --download does (under torchrun rank 0 writes it; the other ranks wait for the folder)."""
+    glue_data.get_task(args.task)  # an unknown task: refused before anything is fetched
+    folder = os.path.join(args.data_dir, args.task)
+    if os.path.isdir(folder):
+        return
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"no {args.task} data in {folder}: writing it from the hub's GLUE copy ({glue_data.HUB})")
+        glue_data.download([args.task], args.data_dir)
+    while not os.path.isdir(folder):
+        time.sleep(1)
 
 def load_transfer(args):
     """The transfer set (Examples without labels), or None. `none` has no teacher to label it."""

@@ -30,14 +30,15 @@ class Task:
     dev: tuple = ("dev",)
     skip_short_rows: bool = False  # QQP: a handful of rows of the public train file miss a question
 
-# Columns and labels as the public GLUE files have them.
+# Columns and labels as the public GLUE files have them; labels in the order of the hub's GLUE copy
+# (nyu-mll/glue), which models fine-tuned on it follow, also when they name them LABEL_0, LABEL_1, ...
 TASKS = {
     "CoLA": Task(3, None, 1, ["0", "1"], ("mcc",), header=False),  # source, label, mark, sentence
     "SST-2": Task("sentence", None, "label", ["0", "1"], ("accuracy",)),
     "MRPC": Task("#1 String", "#2 String", "Quality", ["0", "1"], ("accuracy", "f1")),
     "STS-B": Task("sentence1", "sentence2", "score", None, ("pearson", "spearman")),
     "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"), skip_short_rows=True),
-    "MNLI": Task("sentence1", "sentence2", "gold_label", ["contradiction", "entailment", "neutral"],
+    "MNLI": Task("sentence1", "sentence2", "gold_label", ["entailment", "neutral", "contradiction"],
                  ("accuracy",), dev=("dev_matched", "dev_mismatched")),
     "QNLI": Task("question", "sentence", "label", ["entailment", "not_entailment"], ("accuracy",)),
     "RTE": Task("sentence1", "sentence2", "label", ["entailment", "not_entailment"], ("accuracy",)),
@@ -215,61 +216,98 @@ def write_json(path, obj):
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))
 
 # ---------------------------------------------------------------------------------- download
-HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub; per task: its config, its text fields,
-# and the published file's header (columns the hub lacks stay empty; CoLA: source, label, mark, sentence)
+HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub. Per task: its config, its text
+# fields, and the published files' headers, train and dev then test (columns the hub lacks stay empty;
+# CoLA's train and dev files have none: source, label, mark, sentence)
 HUB_TASKS = {
-    "CoLA": ("cola", "sentence", None, None),
-    "SST-2": ("sst2", "sentence", None, "sentence label"),
-    "MRPC": ("mrpc", "sentence1", "sentence2", "Quality|#1 ID|#2 ID|#1 String|#2 String"),
+    "CoLA": ("cola", "sentence", None, None, "index sentence"),
+    "SST-2": ("sst2", "sentence", None, "sentence label", "index sentence"),
+    "MRPC": ("mrpc", "sentence1", "sentence2", "Quality|#1 ID|#2 ID|#1 String|#2 String",
+             "index|#1 ID|#2 ID|#1 String|#2 String"),
     "STS-B": ("stsb", "sentence1", "sentence2", "index genre filename year old_index source1 source2 "
-                                                "sentence1 sentence2 score"),
-    "QQP": ("qqp", "question1", "question2", "id qid1 qid2 question1 question2 is_duplicate"),
+              "sentence1 sentence2 score", "index genre filename year old_index source1 source2 "
+              "sentence1 sentence2"),
+    "QQP": ("qqp", "question1", "question2", "id qid1 qid2 question1 question2 is_duplicate",
+            "id question1 question2"),
     "MNLI": ("mnli", "premise", "hypothesis", "index promptID pairID genre sentence1_binary_parse "
-             "sentence2_binary_parse sentence1_parse sentence2_parse sentence1 sentence2 label1 gold_label"),
-    "QNLI": ("qnli", "question", "sentence", "index question sentence label"),
-    "RTE": ("rte", "sentence1", "sentence2", "index sentence1 sentence2 label"),
-    "WNLI": ("wnli", "sentence1", "sentence2", "index sentence1 sentence2 label"),
+             "sentence2_binary_parse sentence1_parse sentence2_parse sentence1 sentence2 label1 gold_label",
+             "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+             "sentence2_parse sentence1 sentence2"),
+    "QNLI": ("qnli", "question", "sentence", "index question sentence label", "index question sentence"),
+    "RTE": ("rte", "sentence1", "sentence2", "index sentence1 sentence2 label", "index sentence1 sentence2"),
+    "WNLI": ("wnli", "sentence1", "sentence2", "index sentence1 sentence2 label", "index sentence1 sentence2"),
 }
 HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
-              "validation_mismatched": "dev_mismatched"}
+              "validation_mismatched": "dev_mismatched", "test": "test", "test_matched": "test_matched",
+              "test_mismatched": "test_mismatched"}
+
+def one_line(text):
+    """A text as a TSV field: a tab or line break would end the field or the row; nothing else changes."""
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 def hub_to_tsv(task_name, split, records, label_names):
     """Lines of the published TSV file (header first) for one hub split: records [{field: value}] with
-    the hub's integer labels (label_names: its class names) or STS-B's float scores."""
-    task, (_, field_a, field_b, columns) = get_task(task_name), HUB_TASKS[task_name]
+    the hub's integer labels (label_names: its class names; test splits: -1) or STS-B's float scores."""
+    task, (_, field_a, field_b, columns, test_columns) = get_task(task_name), HUB_TASKS[task_name]
+    test = split.startswith("test")
+    if test:
+        columns = test_columns
     header = columns.split("|" if "|" in columns else " ") if columns else list(range(4))
-    if task_name == "MNLI" and split != "train":  # dev files carry five annotators' labels
+    if task_name == "MNLI" and split.startswith("dev"):  # dev files carry five annotators' labels
         header = header[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
+    column_a = "sentence" if test and not task.header else task.a  # CoLA's test file has a header
     lines = ["\t".join(header)] if columns else []
     for r in records:
-        label = f"{r['label']:.3f}" if task.labels is None else str(r["label"])
-        if task.labels and label_names and label_names[r["label"]] in task.labels:
-            label = label_names[r["label"]]  # MNLI, QNLI, RTE name their labels; the others write 0/1
+        label = None if test else label_text(task, r["label"], label_names)
         cola = {0: "glue", 2: "" if label == "1" else "*"}  # CoLA's source and mark (* when unacceptable)
         row = dict.fromkeys(header, "") | ({} if columns else cola)
-        for column, value in [(task.a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
+        for column, value in [(column_a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
                               ("id", r["idx"]), (task.label, label), ("label1", label)]:
             if column in row and value is not None:
-                row[column] = " ".join(str(value).split())  # a tab or line break would break the row
+                row[column] = one_line(value)
         lines.append("\t".join(row.values()))
     return lines
 
+def label_text(task, label, label_names):
+    """A hub label as the published files write it: MNLI, QNLI and RTE name their classes, the others
+    write 0/1 (in the hub's own order, which is ours), STS-B its score as the hub holds it."""
+    if task.labels is None:
+        return repr(float(label))  # every digit: float() reads back the very same number
+    if label_names and label_names[label] in task.labels:
+        return label_names[label]
+    return str(label)
+
 def download(tasks, data_dir, load_dataset=None):
-    """Write each task's train and dev splits from the hub's GLUE copy in the layout load_task reads."""
+    """Write each task's splits (train, dev and test) from the hub's GLUE copy in the layout load_task
+    reads. A task's folder appears whole or not at all: it is written beside, then renamed."""
     if load_dataset is None:
         try:
             from datasets import load_dataset
         except ImportError:
-            raise DataError("--download needs the datasets package: pip install datasets") from None
+            raise DataError("downloading GLUE needs the datasets package: pip install datasets") from None
     for name in tasks:
         get_task(name)
-        hub = load_dataset(HUB, HUB_TASKS[name][0])
-        os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+        folder = os.path.join(data_dir, name)
+        try:
+            hub = load_dataset(HUB, HUB_TASKS[name][0])
+        except Exception as e:  # offline, or the hub unreachable
+            raise DataError(f"could not download {name} from the hub's GLUE copy ({HUB}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}): check the "
+                            f"connection, or put the GLUE files in {folder}") from None
+        part = folder + ".download"
+        os.makedirs(part, exist_ok=True)
         for split in [s for s in HUB_SPLITS if s in hub]:
-            lines = hub_to_tsv(name, HUB_SPLITS[split], hub[split], getattr(hub[split].features["label"], "names", None))
-            path = os.path.join(data_dir, name, HUB_SPLITS[split] + ".tsv")
+            names = getattr(hub[split].features["label"], "names", None)
+            lines = hub_to_tsv(name, HUB_SPLITS[split], hub[split], names)
+            path = os.path.join(part, HUB_SPLITS[split] + ".tsv")
             write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
-            print(f"wrote {path}: {len(lines) - bool(HUB_TASKS[name][3])} examples")
+            print(f"wrote {os.path.join(folder, HUB_SPLITS[split])}.tsv: {len(hub[split])} examples")
+        if not os.path.isdir(folder):
+            os.replace(part, folder)  # the folder appears whole
+            continue
+        for f in os.listdir(part):  # downloaded again: file by file
+            os.replace(os.path.join(part, f), os.path.join(folder, f))
+        os.rmdir(part)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write GLUE tasks from the hub's copy in the standard TSV layout.")

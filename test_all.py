@@ -137,10 +137,10 @@ def run(argv, cwd):
         os.chdir(old)
 
 
-def cli(argv, cwd):
+def cli(argv, cwd, env=None):
     """distill.py as a user runs it: (exit code, stderr)."""
     p = subprocess.run([sys.executable, os.path.join(HERE, "distill.py")] + argv, cwd=cwd,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=dict(os.environ, **(env or {})))
     return p.returncode, p.stderr
 
 
@@ -185,6 +185,16 @@ HUB = {"CoLA": ("cola", "sentence", None, ["unacceptable", "acceptable"], ["0", 
        "WNLI": ("wnli", "sentence1", "sentence2", ["not_entailment", "entailment"], ["0", "1"])}
 
 
+def hub_text(i, second=False):
+    """A hub text as the hub may hold it: runs of spaces, a trailing space; the second with a tab
+    and a line break, which a TSV field cannot hold."""
+    return f"second\n{i}\tend" if second else f"first  {i}   with spaces "
+
+
+def hub_score(i):
+    return i * 0.37 % 5  # a float with every digit in use
+
+
 def fake_hub(path, config):
     """A stand-in for datasets.load_dataset("nyu-mll/glue", config): {split: rows with .features}."""
     assert path == "nyu-mll/glue"
@@ -195,30 +205,41 @@ def fake_hub(path, config):
         features = {"label": type("ClassLabel", (), {"names": names})() if names else object()}
 
     def rows(n, test=False):
-        label = lambda i: -1 if test else (round(i * 0.37 % 5, 3) if names is None else i % len(names))
-        return Split([{"idx": i, fa: f"first {i}\tafter a tab", "label": label(i)} | ({fb: f"second\n{i}"} if fb else {})
+        label = lambda i: -1 if test else (hub_score(i) if names is None else i % len(names))
+        return Split([{"idx": i, fa: hub_text(i), "label": label(i)} | ({fb: hub_text(i, True)} if fb else {})
                       for i in range(n)])
     dev = ["validation_matched", "validation_mismatched"] if task == "MNLI" else ["validation"]
-    return {"train": rows(7)} | {s: rows(5) for s in dev} | {"test": rows(4, test=True)}
+    test = ["test_matched", "test_mismatched"] if task == "MNLI" else ["test"]
+    return {"train": rows(7)} | {s: rows(5) for s in dev} | {s: rows(4, test=True) for s in test}
 
 
 def test_download_writes_the_published_layout(tmp_path, monkeypatch):
-    """glue_data.py --download, offline: hub records become the published TSV files load_task reads."""
+    """glue_data.py --download, offline: hub records become the published TSV files load_task reads,
+    and read back to the hub's very texts and scores (tabs and line breaks, which a TSV field cannot
+    hold, become spaces), test splits included."""
     glue_data.download(list(glue_data.TASKS), str(tmp_path), fake_hub)
     for task, (_, _, fb, names, published) in HUB.items():
         data = glue_data.load_task(str(tmp_path), task)
-        assert sorted(os.listdir(tmp_path / task)) == sorted(s + ".tsv" for s in ["train", *glue_data.TASKS[task].dev])
+        test = glue_data.load_task(str(tmp_path), task, test=True)
+        splits = ["train", *glue_data.TASKS[task].dev, *glue_data.test_files(task)]
+        assert sorted(os.listdir(tmp_path / task)) == sorted(s + ".tsv" for s in splits)
         head = open(tmp_path / task / "train.tsv").readline().rstrip("\n")
         assert head == (FORMATS[task][0] or "").lstrip("\ufeff") or (task == "CoLA" and len(head.split("\t")) == 4)
         if task == "MNLI":
             assert open(tmp_path / task / "dev_matched.tsv").readline().rstrip("\n") == MNLI_DEV_HEADER
-        ex = data["train"]
-        assert len(ex) == 7 and ex.text_a[3] == "first 3 after a tab" and (fb is None or ex.text_b[3] == "second 3")
+        for split in glue_data.test_files(task):
+            assert open(tmp_path / task / f"{split}.tsv").readline().rstrip("\n") == TEST_FORMATS[task][0]
+        for ex, n in [(data["train"], 7), (data[glue_data.TASKS[task].dev[0]], 5)] + [(e, 4) for e in test.values()]:
+            assert ex.text_a == [hub_text(i) for i in range(n)], task
+            assert fb is None or ex.text_b == [f"second {i} end" for i in range(n)], task
         for i in range(7):
-            want = round(i * 0.37 % 5, 3) if names is None else glue_data.TASKS[task].labels.index(published[i % len(names)])
-            assert ex.labels[i] == want, (task, i)
+            want = hub_score(i) if names is None else glue_data.TASKS[task].labels.index(published[i % len(names)])
+            assert data["train"].labels[i] == want, (task, i)  # STS-B: the very float
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".download")]
+    glue_data.download(["RTE"], str(tmp_path), fake_hub)  # again, over the folder there
+    assert glue_data.load_task(str(tmp_path), "RTE")["train"].text_a == [hub_text(i) for i in range(7)]
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(glue_data.DataError, match="pip install datasets"):
+    with pytest.raises(glue_data.DataError, match="needs the datasets package: pip install datasets"):
         glue_data.download(["RTE"], str(tmp_path))
 
 
@@ -661,6 +682,16 @@ def test_distill_end_to_end(workdir, strategy):
         assert len(dist["rewards"]) == 12 and dist["rewards"][0][0] in (0, 1)
     student = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, out))
     assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
+
+
+def test_missing_data_is_fetched_from_the_hub(workdir, tmp_path, monkeypatch, capsys):
+    """No <data_dir>/<TASK>: distill.py writes it as glue_data.py --download does, then goes on."""
+    import types
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_hub))
+    data_dir = str(tmp_path / "fresh")
+    m = run(FAST + ["--strategy", "uniform", "--data_dir", data_dir, "--out_dir", "runs/fetched"], workdir)
+    assert "no RTE data in " in capsys.readouterr().out and m["dev"]["dev"]["accuracy"] >= 0
+    assert sorted(os.listdir(os.path.join(data_dir, "RTE"))) == ["dev.tsv", "test.tsv", "train.tsv"]
 
 
 def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch, capsys):
@@ -1126,8 +1157,13 @@ def test_a_nan_loss_stops_with_its_step(workdir, monkeypatch):
 
 
 def test_command_line_errors_are_one_sentence(workdir, tmp_path):
+    offline = tmp_path / "offline"  # a datasets package that cannot reach the hub
+    os.makedirs(offline / "datasets")
+    (offline / "datasets" / "__init__.py").write_text("def load_dataset(*a, **k):\n"
+                                                      "    raise ConnectionError('no connection')\n")
     cases = [
-        (["--task", "RTE"], tmp_path, "no RTE data in glue_data"),
+        (["--task", "RTE"], tmp_path, "could not download RTE from the hub's GLUE copy .*no connection.*"
+                                      "put the GLUE files in glue_data/RTE"),
         (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data")], tmp_path,
          "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
         (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
@@ -1151,7 +1187,7 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
     with open(os.path.join(workdir, "bad_transfer.tsv"), "w") as f:
         f.write("index\tsentence1\tsentence2\n0\ta cat\ta dog\n1\tno second sentence\n")
     for argv, cwd, message in cases:
-        code, err = cli(argv, str(cwd))
+        code, err = cli(argv, str(cwd), env={"PYTHONPATH": str(offline)})
         assert code != 0 and "Traceback" not in err, err
         assert not os.path.exists(os.path.join(str(cwd), "no_cache")), "checked only after running the teachers"
         lines = [l for l in err.splitlines() if l.startswith("error:")]
