@@ -8,6 +8,7 @@ length. A training step reads its teacher's soft targets from a tensor instead o
 """
 import gc
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from model import check_weights
 
 transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
+FAR_BETTER = 0.25  # training accuracy another order of a teacher's outputs must add to be warned of
 
 class TeamError(ValueError):
     """A teacher that cannot serve this task, or no team at all."""
@@ -124,10 +126,32 @@ def load_team(names, task_name, data, max_len, cache_dir, device):
                 glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
         dev = [s for s in outputs if s not in ("train", "transfer")]
         metrics = {s: glue_data.compute_metrics(task_name, outputs[s], data[s].labels) for s in dev}
+        check_label_order(name, task_name, outputs["train"], data["train"].labels)
         train = torch.cat([outputs["train"], outputs.get("transfer", outputs["train"][:0])])  # [N + M, C]
         team.append(Teacher(name, train, metrics))
         print(f"teacher {name}: {glue_data.show(metrics)}")
     return team
+
+def check_label_order(name, task_name, logits, labels):
+    """A warning when a teacher's training outputs fit the labels far better read in another order
+    (its head follows a label order other than its config says): it may still serve, as a harmful
+    teacher for AutoSKD to discard, but the checkpoint may rather want fixing."""
+    names = glue_data.get_task(task_name).labels
+    if names is None:
+        return  # regression: one output
+    gold = torch.tensor(labels)
+    own = float((logits.argmax(-1) == gold).float().mean())
+    fits = []  # (training accuracy, the label each output is read as)
+    for perm in itertools.permutations(range(len(names))):
+        accuracy = float((logits[:, list(perm)].argmax(-1) == gold).float().mean())
+        read_as = [names[perm.index(i)] for i in range(len(names))]  # output i read as this label
+        fits.append((accuracy, read_as))
+    best, read_as = max(fits)
+    if best >= own + FAR_BETTER:
+        print(f"warning: teacher {name} fits the training labels far better with its outputs read as "
+              f"{read_as} (training accuracy {best:.3f}) than in its own order {names} ({own:.3f}); "
+              f"it is used as it is")
+
 
 def read_cache(path, key, data):
     """The cached outputs if the file is whole and matches key and data sizes, else None."""

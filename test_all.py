@@ -630,6 +630,46 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch, tiny_t
     assert [p.suffix for p in (tmp_path / "c" / "RTE").iterdir()] == [".tmp"]
 
 
+def test_teachers_in_the_hubs_label_order_and_rolled_ones(tiny_bert, tmp_path, capsys):
+    """MNLI in the hub's order: a teacher fine-tuned so, with generic label names (LABEL_0, ...),
+    serves as it is; one whose outputs are rolled against its label names is named in a warning
+    line, with the order that fits and both training accuracies, in every strategy."""
+    root, rng = str(tmp_path), random.Random(0)
+    header, fmt = FORMATS["MNLI"]
+    labels = glue_data.TASKS["MNLI"].labels
+    for split, n in [("train", 90), ("dev_matched", 24), ("dev_mismatched", 24)]:
+        rows = []
+        for i in range(n):  # the label is the class of the first sentence's first word: learnable
+            y = rng.randrange(3)
+            a = " ".join([["good", "red", "bad"][y]] + rng.sample(WORDS[3:9], 3))
+            rows.append(fmt(i, a, "a man sits", labels[y]) + ("\t" + labels[y]) * 4 * (split != "train"))
+        head = header if split == "train" else MNLI_DEV_HEADER
+        os.makedirs(os.path.join(root, "glue_data", "MNLI"), exist_ok=True)
+        open(os.path.join(root, "glue_data", "MNLI", split + ".tsv"), "w").write("\n".join([head] + rows) + "\n")
+    run(["--task", "MNLI", "--strategy", "none", "--student", tiny_bert, "--student_layers", "2", "--epochs", "20",
+         "--lr", "2e-3", "--batch_size", "8", "--out_dir", "hub"], root)
+    config = json.load(open(os.path.join(root, "hub", "config.json")))
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(3)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(3)}
+    json.dump(config, open(os.path.join(root, "hub", "config.json"), "w"))
+    hub = AutoModelForSequenceClassification.from_pretrained(os.path.join(root, "hub"))
+    with torch.no_grad():  # outputs read in this project's old MNLI order
+        hub.classifier.weight.copy_(hub.classifier.weight.roll(1, 0))
+        hub.classifier.bias.copy_(hub.classifier.bias.roll(1, 0))
+    hub.save_pretrained(os.path.join(root, "rolled"))
+    BertTokenizer.from_pretrained(os.path.join(root, "hub")).save_pretrained(os.path.join(root, "rolled"))
+    capsys.readouterr()
+    argv = ["--task", "MNLI", "--student", tiny_bert, "--student_layers", "1", "--epochs", "1", "--batch_size", "16"]
+    m = run(argv + ["--strategy", "single", "--teachers", "hub", "--out_dir", "runs/hub"], root)
+    assert "warning" not in capsys.readouterr().out and m["teachers"]["hub"]["dev_matched"]["accuracy"] > 0.8
+    for strategy in ["auto", "uniform", "skd", "single", "ensemble"]:
+        team = ["rolled"] if strategy == "single" else ["hub", "rolled"]
+        run(argv + ["--strategy", strategy, "--teachers", *team, "--out_dir", f"runs/{strategy}"], root)
+        warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+        assert len(warnings) == 1 and "teacher rolled fits the training labels far better with its outputs read " \
+            "as ['contradiction', 'entailment', 'neutral'] (training accuracy" in warnings[0], (strategy, warnings)
+
+
 def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
     def make(labels, task, name):
         m, tok = kd.build_student(tiny_bert, labels, 1, task)
