@@ -12,6 +12,7 @@ sampler.update(k, reward), which moves theta_k alone. Under torchrun each rank t
 every batch, rewards are averaged over ranks so every rank draws the same teacher, rank 0 writes.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
     p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
     p.add_argument("--teachers", nargs="+", help="teacher checkpoints (default: every folder in teachers/<TASK>/)")
+    p.add_argument("--team", help="with no teachers in teachers/<TASK>/, the recipe fine-tuned there "
+                   "first: small (default; minutes on a CPU) or paper (a GPU's hours)")
     p.add_argument("--student", help="pretrained checkpoint (default: the base model the teachers record)")
     p.add_argument("--student_layers", type=int, help="keep this many bottom layers (default: all)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
@@ -450,21 +453,25 @@ class Reward:
 # ------------------------------------------------------------------------------- inputs and outputs
 def resolve_team(args):
     """Teacher checkpoints, sorted (a draw picks by position, so the order named decides nothing), and
-    the student's checkpoint."""
+    the student's checkpoint. With no --teachers, the folders in teachers/<TASK>/, where the --team
+    recipe is fine-tuned first when none are there (or its build was killed)."""
     if args.strategy == "none":
         if not args.student:
             raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint (hub name or folder)")
         return [], args.student
-    default_dir = os.path.join("teachers", args.task)
-    names = sorted(args.teachers or team_lib.find_teachers(default_dir))
-    if not names:
-        raise ValueError(f"no teachers in {default_dir}/: make each with `python distill.py --task "
-                         f"{args.task} --strategy none --student <name or folder> --out_dir "
-                         f"{default_dir}/<name>`, or pass --teachers DIR [DIR ...]")
+    folder = os.path.join("teachers", args.task)
+    recipe = None
+    if not args.teachers:
+        recipe = build_team(args, folder)
+    names = sorted(args.teachers or team_lib.find_teachers(folder))
     if args.strategy == "single" and len(names) != 1:
         raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: name one with --teachers DIR")
     if args.student:
         return names, args.student
+    if recipe:
+        args.student_layers = args.student_layers or recipe.student_layers
+        print(f"student: {recipe.student} (the {args.team or 'small'} team's)")
+        return names, recipe.student
     bases = [getattr(AutoConfig.from_pretrained(team_lib.local_folder(n)), "base_model", None) for n in names]
     base = next((b for b in bases if b), None)
     if not base:
@@ -472,6 +479,57 @@ def resolve_team(args):
                          "pass --student <name or folder>")
     print(f"student: {base} (the base model the teachers were fine-tuned from)")
     return names, base
+
+def build_team(args, folder):
+    """The recipe of the team in folder (team.json), its missing teachers fine-tuned first with this
+    project's own fine-tuning (--strategy none), each resumed if its run was killed; None when the
+    folder holds teachers made otherwise."""
+    team_file = os.path.join(folder, "team.json")
+    if os.path.isfile(team_file):
+        with open(team_file) as f:
+            name = json.load(f)["recipe"]
+        if args.team and args.team != name:
+            raise ValueError(f"{folder}/ holds the {name} team: pass --team {name}, or --teachers DIR [DIR ...]")
+    elif team_lib.find_teachers(folder):
+        return None  # teachers made by hand
+    else:
+        name = args.team or "small"
+    if name not in team_lib.RECIPES:
+        raise ValueError(f"--team {name}: no such recipe (choose {' or '.join(team_lib.RECIPES)})")
+    recipe = team_lib.RECIPES[name]
+    todo = [t for t in recipe.teachers if not os.path.isfile(os.path.join(folder, t, "metrics.json"))]
+    if not todo:
+        return recipe
+    epochs = recipe.epochs(args.task)
+    print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers to "
+          f"fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
+    for t in recipe.teachers:
+        checkpoint, lr = recipe.teachers[t]
+        print(f"  {t}: {checkpoint}, lr {lr}" + ("" if t in todo else " (there)"))
+    for t in todo:  # every checkpoint reachable before hours go into the first
+        check_checkpoint(recipe.teachers[t][0], name)
+    os.makedirs(folder, exist_ok=True)
+    glue_data.write_json(team_file, {"recipe": name})
+    for t in todo:
+        checkpoint, lr = recipe.teachers[t]
+        out = os.path.join(folder, t)
+        argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none", "--student", checkpoint,
+                "--epochs", str(epochs), "--lr", str(lr), "--batch_size", str(recipe.batch_size),
+                "--max_seq_len", str(args.max_seq_len), "--seed", str(args.seed), "--out_dir", out]
+        resume = os.path.isfile(os.path.join(out, "resume.pt"))
+        print(f"fine-tuning teacher {t} ({checkpoint})" + (", resumed" if resume else ""))
+        main(parse_args(argv + ["--resume"] * resume))
+    return recipe
+
+def check_checkpoint(checkpoint, team):
+    """Stop with one sentence when a recipe's checkpoint cannot be had (offline, say)."""
+    try:
+        AutoConfig.from_pretrained(checkpoint)
+        AutoTokenizer.from_pretrained(checkpoint)
+    except OSError as e:
+        raise ValueError(f"could not download {checkpoint} for the {team} team ({str(e).splitlines()[0]}): "
+                         f"check the connection, or pass your own team with --teachers DIR [DIR ...] "
+                         f"and --student") from None
 
 def fetch_missing_data(args):
     """Write <data_dir>/<TASK> from the hub's GLUE copy when it is missing, as glue_data.py

@@ -34,6 +34,35 @@ class Teacher:
     train: torch.Tensor  # [N + M, C] logits on train, then the transfer set if any (regression: C = 1)
     dev_metrics: dict    # {dev split: {metric: value}}
 
+@dataclass
+class Recipe:
+    """A team this project can fine-tune itself: {name: (checkpoint, learning rate)}, the epochs
+    (task -> epochs), the batch size, and the student AutoSKD distils with it (its bottom
+    student_layers layers; None: all)."""
+    teachers: dict
+    epochs: object
+    student: str
+    student_layers: int = None
+    batch_size: int = 32
+
+GOOGLE = "google/bert_uncased_L-{}_H-{}_A-{}"  # Turc et al. 2019, "Well-Read Students Learn Better"
+RECIPES = {
+    # Compact BERTs of different capacities: the whole command takes minutes on a laptop CPU.
+    "small": Recipe({"L-4_H-256": (GOOGLE.format(4, 256, 4), 1e-4),
+                     "L-4_H-512": (GOOGLE.format(4, 512, 8), 1e-4),
+                     "L-8_H-512": (GOOGLE.format(8, 512, 8), 5e-5)},
+                    epochs=lambda task: 4, student=GOOGLE.format(2, 128, 2)),
+    # The team SKDBERT's supplement lists for this line of work, fine-tuned as it reports (batch 32;
+    # 10 epochs on MRPC and RTE, 3 elsewhere; lower learning rates for the large models). For a GPU.
+    "paper": Recipe({"L-8_H-768": (GOOGLE.format(8, 768, 12), 2e-5),
+                     "L-10_H-768": (GOOGLE.format(10, 768, 12), 2e-5),
+                     "base": ("google-bert/bert-base-uncased", 2e-5),
+                     "large": ("google-bert/bert-large-uncased", 1e-5),
+                     "large-wwm": ("google-bert/bert-large-uncased-whole-word-masking", 1e-5)},
+                    epochs=lambda task: 10 if task in ("MRPC", "RTE") else 3,
+                    student="google-bert/bert-base-uncased", student_layers=6),
+}
+
 def find_teachers(root):
     """Every checkpoint folder (one holding config.json) directly under root, sorted by name."""
     subs = sorted(os.path.join(root, d) for d in os.listdir(root)) if os.path.isdir(root) else []

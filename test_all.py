@@ -734,6 +734,63 @@ def test_missing_data_is_fetched_from_the_hub(workdir, tmp_path, monkeypatch, ca
     assert sorted(os.listdir(os.path.join(data_dir, "RTE"))) == ["dev.tsv", "test.tsv", "train.tsv"]
 
 
+def fake_hub_home(root, names):
+    """An HF_HOME whose hub cache holds a tiny checkpoint under each hub name, in the hub's own layout:
+    with HF_HUB_OFFLINE=1, from_pretrained(name) loads it."""
+    for k, name in enumerate(names):
+        repo = os.path.join(root, "hub", "models--" + name.replace("/", "--"))
+        make_tiny_bert(os.path.join(repo, "snapshots", "0" * 40), layers=2 + k % 2)
+        os.makedirs(os.path.join(repo, "refs"))
+        open(os.path.join(repo, "refs", "main"), "w").write("0" * 40)
+    return root
+
+
+def test_a_fresh_folder_to_a_distilled_student_in_one_command(tmp_path):
+    """`python distill.py --task RTE` in an empty folder, offline, against a local hub: it fetches the
+    data, fine-tunes the small team, distils; a second run reuses it all; a build killed midway
+    resumes teacher by teacher."""
+    recipe = teachers.RECIPES["small"]
+    home = fake_hub_home(str(tmp_path / "hf"), [c for c, _ in recipe.teachers.values()] + [recipe.student])
+    shim = tmp_path / "shim"  # datasets.load_dataset, served by the stand-in for the hub's GLUE copy
+    os.makedirs(shim / "datasets")
+    (shim / "datasets" / "__init__.py").write_text(f"import sys\nsys.path.insert(0, {HERE!r})\n"
+                                                   "from test_all import fake_hub as load_dataset\n")
+    env = dict(os.environ, HF_HOME=home, HF_HUB_OFFLINE="1", PYTHONPATH=str(shim))
+
+    def distill_here(cwd, script=os.path.join(HERE, "distill.py")):
+        os.makedirs(cwd, exist_ok=True)
+        p = subprocess.run([sys.executable, script, "--task", "RTE", "--epochs", "1"], cwd=cwd, env=env,
+                           capture_output=True, text=True, timeout=600)
+        return p.returncode, p.stdout + p.stderr
+
+    fresh = str(tmp_path / "fresh")
+    code, out = distill_here(fresh)
+    assert code == 0, out[-3000:]
+    assert "no RTE data in glue_data/RTE" in out and "building the small team in teachers/RTE/" in out
+    names = list(recipe.teachers)
+    done = {n: os.path.getmtime(os.path.join(fresh, "teachers/RTE", n, "metrics.json")) for n in names}
+    student = json.load(open(os.path.join(fresh, "runs/RTE-auto-seed0/config.json")))
+    assert student["base_model"] == recipe.student
+    code, out = distill_here(fresh)  # again: data, teachers and their outputs are reused
+    assert code == 0 and "building" not in out and "fine-tuning" not in out and "no RTE data" not in out, out
+    assert done == {n: os.path.getmtime(os.path.join(fresh, "teachers/RTE", n, "metrics.json")) for n in names}
+    killed = tmp_path / "killed.py"  # the build killed in its second teacher's third step
+    killed.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, model\nreal, calls = model.kd_loss, []\n"
+                      "def loss(*a, **k):\n    calls.append(1)\n    if len(calls) == 7:\n"
+                      "        raise KeyboardInterrupt\n    return real(*a, **k)\n"
+                      "model.kd_loss = loss\ndistill.main(distill.parse_args())\n")
+    other = str(tmp_path / "other")
+    code, out = distill_here(other, str(killed))
+    assert code != 0 and os.path.isfile(os.path.join(other, "teachers/RTE", names[1], "resume.pt")), out[-2000:]
+    first = os.path.getmtime(os.path.join(other, "teachers/RTE", names[0], "metrics.json"))
+    code, out = distill_here(other)
+    assert code == 0, out[-3000:]
+    assert f"fine-tuning teacher {names[1]} ({recipe.teachers[names[1]][0]}), resumed" in out
+    assert f"fine-tuning teacher {names[0]}" not in out and f"fine-tuning teacher {names[2]}" in out
+    assert os.path.getmtime(os.path.join(other, "teachers/RTE", names[0], "metrics.json")) == first
+    assert os.path.isfile(os.path.join(other, "runs/RTE-auto-seed0/metrics.json"))
+
+
 def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch, capsys):
     """Unlabelled examples in the test-file format: every phase trains on them (the reward's held-out
     examples stay labelled training examples); --strategy none has no teacher and leaves them out."""
@@ -1205,7 +1262,10 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
         (["--task", "RTE"], tmp_path, "could not download RTE from the hub's GLUE copy .*no connection.*"
                                       "put the GLUE files in glue_data/RTE"),
         (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data")], tmp_path,
-         "no teachers in teachers/RTE/: make each with `python distill.py --task RTE --strategy none"),
+         r"could not download google/bert_uncased_L-4_H-256_A-4 for the small team \(.*\): check the "
+         r"connection, or pass your own team with --teachers DIR \[DIR ...\] and --student"),
+        (["--task", "RTE", "--data_dir", os.path.join(workdir, "glue_data"), "--team", "nope"], tmp_path,
+         "--team nope: no such recipe \\(choose small or paper\\)"),
         (["--task", "RTE", "--strategy", "single"], workdir, "--strategy single distils from one teacher"),
         (["--task", "RTE", "--keep", "0", "--cache_dir", "no_cache"], workdir, "--keep 0: the team has 2 teachers"),
         (["--task", "RTE", "--student", "no/such-model"], workdir, "--student no/such-model is neither a checkpoint folder"),
