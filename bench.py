@@ -14,6 +14,16 @@
    results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
 matplotlib is needed for the picture only (pip install matplotlib).
 
+    python bench.py --task SST-2 --train_limit 8000 --transfer 20000 --base_teacher <folder> [--pilot]
+        --base_model <hub name or folder>
+
+distils in a low-resource setting instead: the teachers learn from 8,000 labelled sentences, and the
+students also from 20,000 further ones with their labels dropped (a transfer set, written in the
+test-file format), as BERT students are distilled in practice; --base_teacher adds a base-size
+teacher to the team, and the rows gain SKDBERT's fixed distributions (skd teacher-rank and
+student-rank) and the best teacher without the transfer set. --pilot runs `none` and `single` per
+helpful teacher with a 2- and a 4-layer student first, to pick the size where they separate most.
+
     python bench.py --selection --task MRPC --base_model <hub name or folder>
 
 runs instead AutoSKD alone, on the same team (the same runs as the full bench's auto row) and on a
@@ -75,6 +85,13 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the students")
     p.add_argument("--teacher_lr", type=float, default=1e-4, help="learning rate of the teachers")
+    p.add_argument("--transfer", type=int, default=0, help="this many further training examples, their "
+                   "labels dropped, as a transfer set that every student with a teacher distils on")
+    p.add_argument("--base_teacher", help="a larger pretrained checkpoint, fine-tuned as one more teacher")
+    p.add_argument("--base_teacher_lr", type=float, default=3e-5)
+    p.add_argument("--base_teacher_epochs", type=int, default=2)
+    p.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- and a 4-layer "
+                   "student, one seed, instead of the bench (where do the helpful teachers separate most?)")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                    help='an extra auto row with other distill.py flags, e.g. --variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
@@ -103,6 +120,21 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
                 rng.shuffle(labels)
                 rows = ["\t".join(c[:col] + [l] + c[col + 1:]) for c, l in zip(cells, labels)]
         write_text(os.path.join(dst_dir, task, split + ".tsv"), "".join(l + "\n" for l in head + rows))
+
+
+def write_transfer(src_dir, path, task, limit, n):
+    """A transfer set: n training examples outside the `limit` that rewrite_train keeps (all of train
+    when no limit: then n of them), in the task's test-file format, labels dropped."""
+    examples = glue_data.read_split(os.path.join(src_dir, task, "train.tsv"), task)
+    kept = set(random.Random(0).sample(range(len(examples)), min(limit, len(examples)))) if limit else set()
+    rest = [i for i in range(len(examples)) if i not in kept]
+    chosen = random.Random(1).sample(rest, min(n, len(rest)))
+    _, field_a, field_b, _, _ = glue_data.HUB_TASKS[task]
+    records = [{"idx": j, field_a: examples.text_a[i], "label": -1} |
+               ({field_b: examples.text_b[i]} if field_b else {}) for j, i in enumerate(chosen)]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = glue_data.hub_to_tsv(task, "test", records, None)
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def portable(text):
@@ -154,21 +186,39 @@ def main(argv=None):
     a, t0 = parse_args(argv), time.time()
     if a.speed:
         return speed(a)
+    global TEAM
+    if a.base_teacher:  # the team gains the base-size teacher, all its layers
+        TEAM = TEAM | {"base": (None, 1, "labels")}
     work, data_dir, dirs, team, scores = make_team(a, t0)
     if a.selection:
         return selection(a, work, data_dir, dirs, t0)
+    if a.pilot:
+        return pilot(a, work, data_dir, dirs, t0)
 
     # 2. every strategy and seed, same student and budget. `single` runs once per teacher: what each
     # teacher is worth to this student, distilled alone, is the ranking a learned distribution should find.
+    best = max(TEAM, key=lambda n: scores[n])  # by its own dev score
     rows = {"none": ("none", "none", [], [])}  # row: (strategy, out_dir prefix, teachers, extra flags)
     rows.update({f"single ({n})": ("single", f"single-{n}", [d], []) for n, d in zip(TEAM, dirs)})
     rows.update({s: (s, s, dirs, []) for s in ("ensemble", "uniform", "auto")})
+    rows["skd (teacher-rank)"] = ("skd", "skd-teacher-rank", dirs, [])
+    if a.transfer:  # what the transfer set brings: the best teacher without it
+        rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [dirs[list(TEAM).index(best)]],
+                                                 ["--transfer", ""])  # (empty: no transfer set)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", dirs, shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
     for seed in a.seeds:  # auto rows first: they are the longest
         for row, (strategy, prefix, teachers, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
             argvs[row, seed] = run_argv(a, work, data_dir, strategy, f"{prefix}-seed{seed}", teachers, seed) + extra
     done = run_all(a.jobs, argvs, t0)
+    # SKDBERT's student-rank: teachers ranked by what the students distilled from each alone scored
+    student_scores = {d: statistics.mean(glue_data.score(done[f"single ({n})", s]["dev"]) for s in a.seeds)
+                      for n, d in zip(TEAM, dirs)}
+    weights = [str(w) for w in distill.teacher_rank([student_scores[d] for d in sorted(dirs)])]  # distill's order
+    rows["skd (student-rank)"] = ("skd", "skd-student-rank", dirs, ["--weights"] + weights)
+    more = {("skd (student-rank)", seed): run_argv(a, work, data_dir, "skd", f"skd-student-rank-seed{seed}", dirs,
+                                                   seed) + ["--weights"] + weights for seed in a.seeds}
+    done |= run_all(a.jobs, more, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
     report(a, work, runs, {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"},
@@ -181,6 +231,8 @@ def run_argv(a, work, data_dir, strategy, name, teachers, seed):
             "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr),
             "--seed", str(seed), "--out_dir", os.path.join(work, name)]
+    if teachers and a.transfer:
+        argv += ["--transfer", os.path.join(work, "transfer", a.task + ".tsv")]
     return argv + (["--teachers"] + teachers if teachers else [])
 
 
@@ -194,17 +246,24 @@ def make_team(a, t0):
     if a.train_limit:
         data_dir = os.path.join(work, "data")
         rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
+    if a.transfer:
+        write_transfer(a.data_dir, os.path.join(work, "transfer", a.task + ".tsv"), a.task, a.train_limit, a.transfer)
     argvs = {}
     for name, (layers, seed, kind) in TEAM.items():
         teacher_data = data_dir
         if kind == INEFFECTIVE:
             teacher_data = os.path.join(work, "shuffled")
             rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
-        if kind != HARMFUL:
-            argvs[name] = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
-                           "--data_dir", teacher_data, "--student", a.base_model, "--student_layers", str(layers),
-                           "--epochs", str(a.teacher_epochs), "--lr", str(a.teacher_lr), "--seed", str(seed),
-                           "--out_dir", os.path.join(work, "teachers", name)]
+        if kind == HARMFUL:
+            continue
+        checkpoint, lr, epochs = a.base_model, a.teacher_lr, a.teacher_epochs
+        if layers is None:  # the base-size teacher, all its layers
+            checkpoint, lr, epochs = a.base_teacher, a.base_teacher_lr, a.base_teacher_epochs
+        argvs[name] = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
+                       "--data_dir", teacher_data, "--student", checkpoint, "--epochs", str(epochs),
+                       "--lr", str(lr), "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)]
+        if layers is not None:
+            argvs[name] += ["--student_layers", str(layers)]
     team = run_all(a.jobs, argvs, t0)
     dirs = [os.path.join(work, "teachers", n) for n in TEAM]
     for name, d in zip(TEAM, dirs):
@@ -252,7 +311,9 @@ def report(a, work, runs, autos, scores, seconds, run_s):
             with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
                 dists[seed] = json.load(f)
         learned[row] = learned_stats(dists, names, truth, helpful, harmful)
-        learned[row]["vs"] = {base: [x - y for x, y in zip(score(row), score(base))] for base in ("uniform", "ensemble")}
+        best = f"single ({max(helpful, key=lambda n: truth[n])})"  # the best teacher by the ground truth
+        bases = [r for r in ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best) if r in runs]
+        learned[row]["vs"] = {base: [x - y for x, y in zip(score(row), score(base))] for base in bases}
         learned[row]["dists"] = dists
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
@@ -287,6 +348,10 @@ def report(a, work, runs, autos, scores, seconds, run_s):
         lines.append(f"| {row} | {', '.join(f'{p:.2f}' for p in s['phase1_p'])} | "
                      f"{', '.join(f'{m:+.2e} ± {se:.1e}' for m, se in s['reward'])} | "
                      f"{', '.join(f'{z:.1f}' for z in s['harmful_z'])} | {s['seed_tau']:+.2f} | {share} |")
+    lines += ["", "| run | against | its dev score minus the other's, per seed | mean ± sd |", "|---|---|---|---|"]
+    for row, s in learned.items():
+        for base, gaps in s["vs"].items():
+            lines.append(f"| {row} | {base} | {', '.join(f'{100 * g:+.1f}' for g in gaps)} | {pm(gaps)} |")
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
@@ -398,6 +463,30 @@ def plot(dists, path, task):
     axes[0][-1].legend(fontsize=8)
     fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
     os.replace(path + ".tmp.png", path)
+
+
+# ------------------------------------------------------------------------------- --pilot
+def pilot(a, work, data_dir, dirs, t0):
+    """`none` and `single` for every helpful teacher, with a 2- and a 4-layer student, seed 0: where
+    do the helpful teachers separate most? results/<TASK>-pilot.md."""
+    helpful = [(n, d) for n, d in zip(TEAM, dirs) if TEAM[n][2] == "labels"]
+    argvs = {}
+    for layers in (2, 4):
+        sized = argparse.Namespace(**(vars(a) | {"student_layers": layers}))
+        argvs["none", layers] = run_argv(sized, work, data_dir, "none", f"pilot-L{layers}-none", [], 0)
+        for n, d in helpful:
+            argvs[n, layers] = run_argv(sized, work, data_dir, "single", f"pilot-L{layers}-{n}", [d], 0)
+    done = run_all(a.jobs, argvs, t0)
+    lines = [f"| student | none | {' | '.join(n for n, _ in helpful)} | best minus worst helpful |",
+             "|---" * (len(helpful) + 3) + "|"]
+    for layers in (2, 4):
+        none = glue_data.score(done["none", layers]["dev"])
+        scores = [glue_data.score(done[n, layers]["dev"]) for n, _ in helpful]
+        cells = " | ".join(f"{100 * s:.1f}" for s in scores)
+        lines.append(f"| {layers} layers | {100 * none:.1f} | {cells} | {100 * (max(scores) - min(scores)):.1f} |")
+    lines += ["", f"Dev scores (%), seed 0; transfer set: {a.transfer} examples."]
+    write_text(os.path.join(a.out, f"{a.task}-pilot.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------- --selection

@@ -108,6 +108,8 @@ def main(args):
     loop.timings["total_s"] = time.time() - t0
     if loop.rank == 0:  # rank 0 writes
         save(loop, student, team, sampler, test)
+    if loop.world > 1:
+        dist.barrier()  # the ranks end together: one torn down while another still runs can abort
 
 def setup(args, team, device):
     """Each strategy's teaching, in one place: (soft targets [K, N, C] or None, sampler or None).

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -1295,30 +1296,47 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bench.py
-def test_bench_runs_every_strategy_and_reports(tmp_path):
+def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import bench
+    monkeypatch.setattr(bench, "TEAM", dict(bench.TEAM))  # --base_teacher adds to it
     tiny_bert = make_tiny_bert(str(tmp_path / "bert6"), layers=6)  # the bench team goes up to 6 layers
     write_task(str(tmp_path / "glue"), "MRPC", n_train=48, n_dev=16)
     out = str(tmp_path / "results")
+    base = make_tiny_bert(str(tmp_path / "bert2"), layers=2)  # the base-size teacher's checkpoint
+    extra = ["--transfer", "6", "--base_teacher", base, "--base_teacher_lr", "1e-3", "--base_teacher_epochs", "1"]
     bench.main(["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
-                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out, "--variant", "slr1", "--sampler_lr 1"])
+                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out,
+                "--variant", "slr1", "--sampler_lr 1"] + extra)
     result = json.load(open(os.path.join(out, "MRPC.json")))
-    singles = {f"single ({n})" for n in bench.TEAM}
-    assert set(result["runs"]) == {"none", "ensemble", "uniform", "auto", "auto (slr1)"} | singles
+    singles = {f"single ({n})" for n in ["base", *bench.TEAM]}
+    best = max(result["teacher_scores"], key=result["teacher_scores"].get)
+    assert set(result["runs"]) == {"none", "ensemble", "uniform", "auto", "auto (slr1)", "skd (teacher-rank)",
+                                   "skd (student-rank)", f"single ({best}, no transfer)"} | singles
+    transfer = os.path.join(out, "MRPC", "transfer", "MRPC.tsv")
+    rows = open(transfer).read().splitlines()  # the 8 training rows outside the 40: 6 of them, no labels
+    assert rows[0] == TEST_FORMATS["MRPC"][0] and len(rows) == 1 + 6
+    args = lambda row: result["runs"][row]["0"]["args"]
+    assert args("auto")["transfer"] == transfer and args("none")["transfer"] is None
+    assert args(f"single ({best}, no transfer)")["transfer"] == ""
+    dirs = sorted(args("auto")["teachers"])
+    alone = [statistics.mean(glue_data.score(result["runs"][f"single ({os.path.basename(d)})"][s]["dev"])
+                             for s in "01") for d in dirs]
+    assert args("skd (student-rank)")["weights"] == pytest.approx(distill.teacher_rank(alone))
+    assert set(result["learned"]["auto"]["vs"]) >= {"uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)"}
     assert all(len(r) == 2 for r in result["runs"].values())
     assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
     assert result["runs"]["single (L4)"]["0"]["args"]["teachers"] == [os.path.join(out, "MRPC", "teachers", "L4")]
     assert set(result["learned"]) == {"auto", "auto (slr1)"}
     learned = result["learned"]["auto"]
-    assert len(learned["reward"]) == 6 and len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
+    assert len(learned["reward"]) == 7 and len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
     assert 0 <= learned["share"]["drawn"][0] <= 1 and 0 <= learned["share"]["every"][0] <= 1
-    assert set(result["ground_truth"]) == set(bench.TEAM)
+    assert set(result["ground_truth"]) == {"base", *bench.TEAM}
     # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
     argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
             "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
-            "--lr", "1e-3", "--teacher_lr", "1e-3", "--out", out, "--variant", "slr1", "--sampler_lr 1"]
+            "--lr", "1e-3", "--teacher_lr", "1e-3", "--out", out, "--variant", "slr1", "--sampler_lr 1"] + extra
     import unittest.mock
     with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.TEAM.items())))):
         bench.main(argv)
@@ -1330,7 +1348,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
         assert [first[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")] == \
                [second[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")]
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
-    assert len(result["teacher_scores"]) == 6
+    assert len(result["teacher_scores"]) == 7
     teacher = lambda n: AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "MRPC", "teachers", n)).eval()
     x = {"input_ids": torch.tensor([[2, 7, 12, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
@@ -1341,6 +1359,10 @@ def test_bench_runs_every_strategy_and_reports(tmp_path):
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+    bench.main(argv + ["--pilot"])
+    pilot = open(os.path.join(out, "MRPC-pilot.md")).read()
+    assert "| 2 layers |" in pilot and "| 4 layers |" in pilot and "| L3 | base |" in pilot
+    assert os.path.isfile(os.path.join(out, "MRPC", "pilot-L4-base", "metrics.json"))
     bench.main(argv + ["--selection"])  # the auto row's runs are reused; the team of three runs anew
     rows = json.load(open(os.path.join(out, "MRPC-selection.json")))
     assert [(r["team"], r["seed"]) for r in rows] == [("team", 0), ("team", 1)] + [("three", s) for s in range(5)]
