@@ -85,18 +85,18 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the students")
     p.add_argument("--teacher_lr", type=float, default=1e-4, help="learning rate of the teachers")
-    p.add_argument("--transfer", type=int, default=0, help="this many further training examples, their "
-                   "labels dropped, as a transfer set that every student with a teacher distils on")
-    p.add_argument("--base_teacher", help="a larger pretrained checkpoint, fine-tuned as one more teacher")
+    p.add_argument("--transfer", type=int, default=0, help="this many further training examples, "
+                   "their labels dropped, as a transfer set that every student with a teacher distils on")
+    p.add_argument("--base_teacher", help="a larger pretrained checkpoint, one more teacher")
     p.add_argument("--base_teacher_lr", type=float, default=3e-5)
     p.add_argument("--base_teacher_epochs", type=int, default=2)
-    p.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- and a 4-layer "
-                   "student, one seed, instead of the bench (where do the helpful teachers separate most?)")
+    p.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- and a "
+                   "4-layer student, one seed, instead of the bench (where do they separate most?)")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                    help='an extra auto row with other distill.py flags, e.g. --variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
-    p.add_argument("--selection", action="store_true", help="check teacher selection instead (see above)")
+    p.add_argument("--selection", action="store_true", help="check teacher selection (see above)")
     p.add_argument("--speed", action="store_true", help="measure speed and memory instead (see above)")
     return p.parse_args(argv)
 
@@ -123,10 +123,12 @@ def rewrite_train(src_dir, dst_dir, task, limit, shuffle, seed):
 
 
 def write_transfer(src_dir, path, task, limit, n):
-    """A transfer set: n training examples outside the `limit` that rewrite_train keeps (all of train
-    when no limit: then n of them), in the task's test-file format, labels dropped."""
+    """A transfer set: n training examples outside the `limit` that rewrite_train keeps (without a
+    limit, n of all), in the task's test-file format, labels dropped."""
     examples = glue_data.read_split(os.path.join(src_dir, task, "train.tsv"), task)
-    kept = set(random.Random(0).sample(range(len(examples)), min(limit, len(examples)))) if limit else set()
+    kept = set()
+    if limit:  # the very draw of rewrite_train
+        kept = set(random.Random(0).sample(range(len(examples)), min(limit, len(examples))))
     rest = [i for i in range(len(examples)) if i not in kept]
     chosen = random.Random(1).sample(rest, min(n, len(rest)))
     _, field_a, field_b, _, _ = glue_data.HUB_TASKS[task]
@@ -203,21 +205,27 @@ def main(argv=None):
     rows.update({s: (s, s, dirs, []) for s in ("ensemble", "uniform", "auto")})
     rows["skd (teacher-rank)"] = ("skd", "skd-teacher-rank", dirs, [])
     if a.transfer:  # what the transfer set brings: the best teacher without it
-        rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [dirs[list(TEAM).index(best)]],
-                                                 ["--transfer", ""])  # (empty: no transfer set)
+        best_dir = dirs[list(TEAM).index(best)]
+        no_transfer = ["--transfer", ""]  # (empty: none)
+        rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [best_dir], no_transfer)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", dirs, shlex.split(flags)) for name, flags in a.variant})
     argvs = {}
     for seed in a.seeds:  # auto rows first: they are the longest
         for row, (strategy, prefix, teachers, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
-            argvs[row, seed] = run_argv(a, work, data_dir, strategy, f"{prefix}-seed{seed}", teachers, seed) + extra
+            name = f"{prefix}-seed{seed}"
+            argvs[row, seed] = run_argv(a, work, data_dir, strategy, name, teachers, seed) + extra
     done = run_all(a.jobs, argvs, t0)
     # SKDBERT's student-rank: teachers ranked by what the students distilled from each alone scored
-    student_scores = {d: statistics.mean(glue_data.score(done[f"single ({n})", s]["dev"]) for s in a.seeds)
-                      for n, d in zip(TEAM, dirs)}
-    weights = [str(w) for w in distill.teacher_rank([student_scores[d] for d in sorted(dirs)])]  # distill's order
-    rows["skd (student-rank)"] = ("skd", "skd-student-rank", dirs, ["--weights"] + weights)
-    more = {("skd (student-rank)", seed): run_argv(a, work, data_dir, "skd", f"skd-student-rank-seed{seed}", dirs,
-                                                   seed) + ["--weights"] + weights for seed in a.seeds}
+    alone = {}  # teacher folder: the mean score of the students distilled from it alone
+    for n, d in zip(TEAM, dirs):
+        alone[d] = statistics.mean(glue_data.score(done[f"single ({n})", s]["dev"]) for s in a.seeds)
+    weights = distill.teacher_rank([alone[d] for d in sorted(dirs)])  # in the team's sorted order
+    flags = ["--weights"] + [str(w) for w in weights]
+    rows["skd (student-rank)"] = ("skd", "skd-student-rank", dirs, flags)
+    more = {}
+    for seed in a.seeds:
+        name = f"skd-student-rank-seed{seed}"
+        more["skd (student-rank)", seed] = run_argv(a, work, data_dir, "skd", name, dirs, seed) + flags
     done |= run_all(a.jobs, more, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
@@ -227,8 +235,8 @@ def main(argv=None):
 
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
     """distill.py's flags for one run of the bench: every run has the same student and budget."""
-    argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--cache_dir", os.path.join(work, "cache"),
-            "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
+    argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len),
+            "--cache_dir", os.path.join(work, "cache"), "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr),
             "--seed", str(seed), "--out_dir", os.path.join(work, name)]
     if teachers and a.transfer:
@@ -247,7 +255,8 @@ def make_team(a, t0):
         data_dir = os.path.join(work, "data")
         rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
     if a.transfer:
-        write_transfer(a.data_dir, os.path.join(work, "transfer", a.task + ".tsv"), a.task, a.train_limit, a.transfer)
+        transfer = os.path.join(work, "transfer", a.task + ".tsv")
+        write_transfer(a.data_dir, transfer, a.task, a.train_limit, a.transfer)
     argvs = {}
     for name, (layers, seed, kind) in TEAM.items():
         teacher_data = data_dir
@@ -261,7 +270,8 @@ def make_team(a, t0):
             checkpoint, lr, epochs = a.base_teacher, a.base_teacher_lr, a.base_teacher_epochs
         argvs[name] = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
                        "--data_dir", teacher_data, "--student", checkpoint, "--epochs", str(epochs),
-                       "--lr", str(lr), "--seed", str(seed), "--out_dir", os.path.join(work, "teachers", name)]
+                       "--lr", str(lr), "--seed", str(seed),
+                       "--out_dir", os.path.join(work, "teachers", name)]
         if layers is not None:
             argvs[name] += ["--student_layers", str(layers)]
     team = run_all(a.jobs, argvs, t0)
@@ -312,8 +322,9 @@ def report(a, work, runs, autos, scores, seconds, run_s):
                 dists[seed] = json.load(f)
         learned[row] = learned_stats(dists, names, truth, helpful, harmful)
         best = f"single ({max(helpful, key=lambda n: truth[n])})"  # the best teacher by the ground truth
-        bases = [r for r in ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best) if r in runs]
-        learned[row]["vs"] = {base: [x - y for x, y in zip(score(row), score(base))] for base in bases}
+        others = ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best)
+        bases = [r for r in others if r in runs]
+        learned[row]["vs"] = {b: [x - y for x, y in zip(score(row), score(b))] for b in bases}
         learned[row]["dists"] = dists
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
@@ -348,10 +359,12 @@ def report(a, work, runs, autos, scores, seconds, run_s):
         lines.append(f"| {row} | {', '.join(f'{p:.2f}' for p in s['phase1_p'])} | "
                      f"{', '.join(f'{m:+.2e} ± {se:.1e}' for m, se in s['reward'])} | "
                      f"{', '.join(f'{z:.1f}' for z in s['harmful_z'])} | {s['seed_tau']:+.2f} | {share} |")
-    lines += ["", "| run | against | its dev score minus the other's, per seed | mean ± sd |", "|---|---|---|---|"]
+    lines += ["", "| run | against | its dev score minus the other's, per seed | mean ± sd |",
+              "|---|---|---|---|"]
     for row, s in learned.items():
         for base, gaps in s["vs"].items():
-            lines.append(f"| {row} | {base} | {', '.join(f'{100 * g:+.1f}' for g in gaps)} | {pm(gaps)} |")
+            per_seed = ", ".join(f"{100 * g:+.1f}" for g in gaps)
+            lines.append(f"| {row} | {base} | {per_seed} | {pm(gaps)} |")
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
@@ -473,9 +486,10 @@ def pilot(a, work, data_dir, dirs, t0):
     argvs = {}
     for layers in (2, 4):
         sized = argparse.Namespace(**(vars(a) | {"student_layers": layers}))
-        argvs["none", layers] = run_argv(sized, work, data_dir, "none", f"pilot-L{layers}-none", [], 0)
+        prefix = f"pilot-L{layers}"
+        argvs["none", layers] = run_argv(sized, work, data_dir, "none", f"{prefix}-none", [], 0)
         for n, d in helpful:
-            argvs[n, layers] = run_argv(sized, work, data_dir, "single", f"pilot-L{layers}-{n}", [d], 0)
+            argvs[n, layers] = run_argv(sized, work, data_dir, "single", f"{prefix}-{n}", [d], 0)
     done = run_all(a.jobs, argvs, t0)
     lines = [f"| student | none | {' | '.join(n for n, _ in helpful)} | best minus worst helpful |",
              "|---" * (len(helpful) + 3) + "|"]
@@ -483,7 +497,8 @@ def pilot(a, work, data_dir, dirs, t0):
         none = glue_data.score(done["none", layers]["dev"])
         scores = [glue_data.score(done[n, layers]["dev"]) for n, _ in helpful]
         cells = " | ".join(f"{100 * s:.1f}" for s in scores)
-        lines.append(f"| {layers} layers | {100 * none:.1f} | {cells} | {100 * (max(scores) - min(scores)):.1f} |")
+        spread = max(scores) - min(scores)
+        lines.append(f"| {layers} layers | {100 * none:.1f} | {cells} | {100 * spread:.1f} |")
     lines += ["", f"Dev scores (%), seed 0; transfer set: {a.transfer} examples."]
     write_text(os.path.join(a.out, f"{a.task}-pilot.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -497,20 +512,30 @@ def selection(a, work, data_dir, dirs, t0):
     """AutoSKD on the bench's team (its auto row: same runs, reused) and on the team of three with
     --keep 2 over seeds 0-4; per run, every teacher's phase-1 evidence and what selection did."""
     at = dict(zip(TEAM, dirs))
-    argvs = {("team", seed): run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed) for seed in a.seeds}
+    argvs = {}
+    for seed in a.seeds:
+        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed)
     for seed in range(5):
         argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
                                         [at[n] for n in THREE], seed) + ["--keep", "2"]
     run_all(a.jobs, argvs, t0)
-    rows, lines = [], ["| team | seed | " + " | ".join(f"{n}: reward ± se, p" for n in TEAM) + " | harmful below every "
-                       "kept teacher by (standard errors) | harmful discarded |", "|---" * (len(TEAM) + 4) + "|"]
+    columns = " | ".join(f"{n}: reward ± se, p" for n in TEAM)
+    lines = [f"| team | seed | {columns} | harmful below every kept teacher by (standard errors) | "
+             "harmful discarded |", "|---" * (len(TEAM) + 4) + "|"]
+    rows = []
     for (team, seed), argv in argvs.items():
         with open(os.path.join(distill.parse_args(argv).out_dir, "distribution.json")) as f:
             d = json.load(f)
         row = selection_row(d, team, seed)
         rows.append(row)
-        cells = [f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}" + ("" if t["kept"] else " (out)")
-                 if name in row["teachers"] else "-" for name in TEAM for t in [row["teachers"].get(name)]]
+        cells = []
+        for name in TEAM:
+            t = row["teachers"].get(name)
+            if t is None:
+                cells.append("-")
+                continue
+            verdict = "" if t["kept"] else " (out)"
+            cells.append(f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}{verdict}")
         lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | {row['harmful_discarded']} |")
     rule = [r for r in rows if r["harmful_z"] > 3]
     lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard errors (of the "
