@@ -168,11 +168,10 @@ def check_label_order(name, task_name, logits, labels):
     names = glue_data.get_task(task_name).labels
     if names is None:
         return  # regression: one output
-    gold = torch.tensor(labels)
-    own = float((logits.argmax(-1) == gold).float().mean())
+    own = glue_data.accuracy(logits.argmax(-1).tolist(), labels)
     fits = []  # (training accuracy, the label each output is read as)
     for perm in itertools.permutations(range(len(names))):
-        accuracy = float((logits[:, list(perm)].argmax(-1) == gold).float().mean())
+        accuracy = glue_data.accuracy(logits[:, list(perm)].argmax(-1).tolist(), labels)
         read_as = [names[perm.index(i)] for i in range(len(names))]  # output i read as this label
         fits.append((accuracy, read_as))
     best, read_as = max(fits)
