@@ -33,8 +33,8 @@ results/<TASK>-selection.md: each teacher's phase-1 evidence, its p, and what se
     python bench.py --speed --task MRPC --base_model <hub name or folder>
 
 measures instead what distillation costs next to plain fine-tuning of the same student on the same
-batches (step times, whole runs, peak memory with 2 and 8 teachers, the cache fill) and writes
-results/speed-<device>.json and .md. Every run is a fresh process with one CPU thread (or one GPU).
+batches (step times, also on batches mixed with a transfer set, whole runs, peak memory with 2 and
+8 teachers, the cache fill) and writes results/speed-<device>.json and .md. Every run is a fresh process with one CPU thread (or one GPU).
 On CPU, times are the process's CPU time: a virtual machine's host may steal a varying share of the
 CPU, which wall time counts and CPU time does not. On GPU, wall time.
 """
@@ -590,6 +590,9 @@ def speed(a):
     work, t0 = os.path.join(a.out, "speed"), time.time()
     data_dir = os.path.join(work, "data")
     rewrite_train(a.data_dir, data_dir, a.task, a.train_limit or 2000, False, 0)
+    # as many unlabelled examples again, for the final step on a mixed batch (soft loss alone on them)
+    transfer = os.path.join(work, "transfer", a.task + ".tsv")
+    write_transfer(a.data_dir, transfer, a.task, a.train_limit or 2000, a.train_limit or 2000)
     data, labels = glue_data.load_task(data_dir, a.task), glue_data.get_task(a.task).labels
     # 8 teachers of 4 sizes. Their quality does not matter here, so they are not fine-tuned.
     have = kd.layers_to_keep(a.base_model)
@@ -613,6 +616,7 @@ def speed(a):
         "fine-tune": ["--strategy", "none"], "single": ["--strategy", "single", "--teachers", dirs[0]],
         "uniform, 2 teachers": ["--strategy", "uniform", "--teachers"] + dirs[:2],
         "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
+        "single, transfer set": ["--strategy", "single", "--transfer", transfer, "--teachers", dirs[0]],
         "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
         "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step", "--teachers"] + dirs,
         "fine-tune again": ["--strategy", "none"]}
@@ -631,6 +635,8 @@ def speed(a):
     ratios = {  # (measured, target)
         "final distillation step / fine-tuning step (single)": (out["single"]["final_step_s"] / ft, 1.05),
         "final distillation step / fine-tuning step (uniform, 8)": (out["uniform, 8 teachers"]["final_step_s"] / ft, 1.05),
+        "final distillation step / fine-tuning step (single, transfer set)":
+            (out["single, transfer set"]["final_step_s"] / ft, 1.05),
         "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 2.0),
         "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 2.0),
         "phase-1 step, step reward / fine-tuning step": (step["phase1_step_s"] / ft, 1.5),
