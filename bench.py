@@ -189,8 +189,8 @@ def main(argv=None):
     if a.speed:
         return speed(a)
     global TEAM
-    if a.base_teacher:  # the team gains the base-size teacher, all its layers
-        TEAM = TEAM | {"base": (None, 1, "labels")}
+    if a.base_teacher:  # the team gains the base-size teacher, all its layers; first, as the longest
+        TEAM = {"base": (None, 1, "labels")} | TEAM
     work, data_dir, dirs, team, scores = make_team(a, t0)
     if a.selection:
         return selection(a, work, data_dir, dirs, t0)
@@ -279,8 +279,12 @@ def make_team(a, t0):
     for name, d in zip(TEAM, dirs):
         if TEAM[name][2] == HARMFUL:
             contradict(os.path.join(work, "teachers", "L6-s1"), d, a.task)
-    loaded = team_lib.load_team(dirs, a.task, glue_data.load_task(data_dir, a.task), a.max_seq_len,
-                                os.path.join(work, "cache"), DEVICE)
+    data = glue_data.load_task(data_dir, a.task)
+    cache = os.path.join(work, "cache")
+    loaded = team_lib.load_team(dirs, a.task, data, a.max_seq_len, cache, DEVICE)
+    if a.transfer:  # the outputs on the transfer set too, once, before parallel runs need them
+        data["transfer"] = glue_data.read_split(transfer, a.task, labelled=False)
+        team_lib.load_team(dirs, a.task, data, a.max_seq_len, cache, DEVICE)
     return work, data_dir, dirs, team, {n: glue_data.score(t.dev_metrics) for n, t in zip(TEAM, loaded)}
 
 

@@ -201,16 +201,18 @@ def show(dev_metrics):
 
 # ---------------------------------------------------------------------------------- files
 def write_atomic(path, write, binary=False):
-    """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new one.
-    A write that fails (a full disk) leaves the old file too, and raises OSError naming path."""
+    """write(f) into a temporary file, then rename it to path: a kill leaves the old file or the new
+    one, and processes writing the same file at once each write their own temporary file. A write
+    that fails (a full disk) leaves the old file too, and raises OSError naming path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path + ".tmp", "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             write(f)
     except Exception as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise OSError(f"could not write {path} ({e}); the file there before, if any, is unchanged") from None
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 def write_json(path, obj):
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))

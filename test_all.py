@@ -1343,8 +1343,11 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     again = json.load(open(os.path.join(out, "MRPC.json")))
     for row in ("auto", "auto (slr1)"):
         first, second = result["learned"][row], again["learned"][row]
-        assert first["phase1_p"] == pytest.approx(second["phase1_p"][::-1])
-        assert [x for mse in first["reward"] for x in mse] == pytest.approx([x for mse in second["reward"][::-1] for x in mse])
+        at = [list(again["ground_truth"]).index(n) for n in result["ground_truth"]]  # (teacher order)
+        assert list(result["ground_truth"]) != list(again["ground_truth"])
+        assert first["phase1_p"] == pytest.approx([second["phase1_p"][i] for i in at])
+        reward_second = [x for i in at for x in second["reward"][i]]
+        assert [x for mse in first["reward"] for x in mse] == pytest.approx(reward_second)
         assert [first[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")] == \
                [second[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")]
     assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
@@ -1361,7 +1364,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
     bench.main(argv + ["--pilot"])
     pilot = open(os.path.join(out, "MRPC-pilot.md")).read()
-    assert "| 2 layers |" in pilot and "| 4 layers |" in pilot and "| L3 | base |" in pilot
+    assert "| 2 layers |" in pilot and "| 4 layers |" in pilot and "| none | base | L6-s1 |" in pilot
     assert os.path.isfile(os.path.join(out, "MRPC", "pilot-L4-base", "metrics.json"))
     bench.main(argv + ["--selection"])  # the auto row's runs are reused; the team of three runs anew
     rows = json.load(open(os.path.join(out, "MRPC-selection.json")))
