@@ -1,11 +1,11 @@
 """AutoSKDBERT ("Learn to Stochastically Distill BERT"): the training loop.
 
-    python distill.py --task RTE --strategy none --student <name or folder> --out_dir teachers/RTE/<name>
-    python distill.py --task RTE                  # phase-1, teacher selection, phase-2, final student
-    torchrun --nproc_per_node=N distill.py --task RTE      # data-parallel: nccl on GPUs, gloo on CPUs
+    python distill.py --task RTE      # phase-1, teacher selection, phase-2, the final student
+    python distill.py --task RTE --strategy none --student <name or folder> --out_dir <folder>
+    torchrun --nproc_per_node=N distill.py --task RTE   # data-parallel: nccl on GPUs, gloo on CPUs
 
-The first command fine-tunes one teacher of the team. Read from main(): data, team, each strategy's
-teaching (setup), then autoskd(): phase-1, teacher selection, phase-2 and the final, reported student.
+The second command fine-tunes one teacher of a team. Read from main(): data, team, each strategy's
+teaching (setup), then autoskd(): phase-1, teacher selection, phase-2 and the final student.
 A step (Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step,
 the reward (class Reward, on held-out TRAINING examples; dev is for reporting only), and
 sampler.update(k, reward), which moves theta_k alone. Under torchrun each rank takes a share of
@@ -37,57 +37,83 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
     p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
-    p.add_argument("--teachers", nargs="+", help="teacher checkpoints (default: every folder in teachers/<TASK>/)")
-    p.add_argument("--team", help="with no teachers in teachers/<TASK>/, the recipe fine-tuned there "
-                   "first: small (default; minutes on a CPU) or paper (a GPU's hours)")
-    p.add_argument("--student", help="pretrained checkpoint (default: the base model the teachers record)")
+    p.add_argument("--teachers", nargs="+",
+                   help="teacher checkpoints (default: every folder in teachers/<TASK>/)")
+    p.add_argument("--team", help="with no teachers in teachers/<TASK>/, the recipe fine-tuned "
+                   "there first: small (default; minutes on a CPU) or paper (a GPU's hours)")
+    p.add_argument("--student",
+                   help="pretrained checkpoint (default: the base model the teachers record)")
     p.add_argument("--student_layers", type=int, help="keep this many bottom layers (default: all)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    p.add_argument("--keep", type=int, help="teachers kept by selection (default: half the team, rounded up)")
-    p.add_argument("--weights", type=float, nargs="+", help="--strategy skd: p over the sorted team "
-                   "(default: teacher-rank, from the teachers' dev scores)")
-    p.add_argument("--transfer", help="unlabelled examples in the task's test-file format, distilled on "
-                   "by every strategy with a teacher")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the final (reported) training")
-    p.add_argument("--phase1_epochs", type=int, default=1)
-    p.add_argument("--phase2_epochs", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (AdamW, linear decay)")
-    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
-    p.add_argument("--sampler_lr", type=float, default=0.1, help="learning rate of the teacher weights")
-    p.add_argument("--sampler_warmup", type=int, default=0, help="first steps whose rewards only set the baseline")
-    p.add_argument("--heldout", type=float, default=0.1, help="fraction of train held out for the reward")
-    p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"), help="see class Reward")
-    p.add_argument("--probe_every", type=int, default=4, help="steps sharing one held-out reward batch")
-    p.add_argument("--probe_size", type=int, help="examples in a held-out reward batch (default: --batch_size)")
-    p.add_argument("--max_seq_len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", help="where results and the student go (default: runs/<TASK>-<strategy>-seed<N>)")
-    p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from <out_dir>/resume.pt")
-    p.add_argument("--save_every", type=int, default=500, help="steps between resume checkpoints (and every epoch end)")
-    p.add_argument("--predict_test", action="store_true", help="write the final student's test predictions for GLUE")
+    p.add_argument("--keep", type=int,
+                   help="teachers kept by selection (default: half the team, rounded up)")
+    p.add_argument("--weights", type=float, nargs="+", help="--strategy skd: p over the sorted "
+                   "team (default: teacher-rank, from the teachers' dev scores)")
+    p.add_argument("--transfer", help="unlabelled examples in the task's test-file format, "
+                   "distilled on by every strategy with a teacher")
+    add_training_flags(p)
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"runs/{a.task}-{a.strategy}-seed{a.seed}"
-    for name, ok in [("batch_size", a.batch_size >= 1), ("epochs", a.epochs >= 1), ("temperature", a.temperature > 0),
-                     ("alpha", 0 <= a.alpha <= 1), ("heldout", 0 < a.heldout < 1), ("probe_every", a.probe_every >= 1),
-                     ("probe_size", (a.probe_size or 1) >= 1), ("save_every", a.save_every >= 1),
-                     ("sampler_warmup", a.sampler_warmup >= 0)]:
+    in_range = {
+        "batch_size": a.batch_size >= 1,
+        "epochs": a.epochs >= 1,
+        "temperature": a.temperature > 0,
+        "alpha": 0 <= a.alpha <= 1,
+        "heldout": 0 < a.heldout < 1,
+        "probe_every": a.probe_every >= 1,
+        "probe_size": a.probe_size is None or a.probe_size >= 1,
+        "save_every": a.save_every >= 1,
+        "sampler_warmup": a.sampler_warmup >= 0,
+    }
+    for name, ok in in_range.items():
         if not ok:
             p.error(f"--{name} {getattr(a, name)} is out of range")
     return a
 
+def add_training_flags(p):
+    """How the students train: budget, KD loss, sampler and reward; seed, outputs, resume."""
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the final (reported) training")
+    p.add_argument("--phase1_epochs", type=int, default=1)
+    p.add_argument("--phase2_epochs", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5,
+                   help="student learning rate (AdamW, linear decay)")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
+    p.add_argument("--sampler_lr", type=float, default=0.1,
+                   help="learning rate of the teacher weights")
+    p.add_argument("--sampler_warmup", type=int, default=0,
+                   help="first steps whose rewards only set the baseline")
+    p.add_argument("--heldout", type=float, default=0.1,
+                   help="fraction of train held out for the reward")
+    p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"),
+                   help="see class Reward")
+    p.add_argument("--probe_every", type=int, default=4,
+                   help="steps sharing one held-out reward batch")
+    p.add_argument("--probe_size", type=int,
+                   help="examples in a held-out reward batch (default: --batch_size)")
+    p.add_argument("--max_seq_len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", help="where results and the student go "
+                   "(default: runs/<TASK>-<strategy>-seed<N>)")
+    p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from <out_dir>/resume.pt")
+    p.add_argument("--save_every", type=int, default=500,
+                   help="steps between resume checkpoints (and every epoch end)")
+    p.add_argument("--predict_test", action="store_true",
+                   help="write the final student's test predictions for GLUE")
+
 def main(args):
     t0 = time.time()
-    metrics = os.path.join(args.out_dir, "metrics.json")
-    if args.resume and os.path.isfile(metrics) and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
-        print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; its results are left as they are")
+    if finished_already(args):
         return
     fetch_missing_data(args)
     data = glue_data.load_task(args.data_dir, args.task)
     transfer = load_transfer(args)
-    test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}  # a bad row stops us now
+    test = {}
+    if args.predict_test:  # read now: a bad row stops us before the training, not after it
+        test = glue_data.load_task(args.data_dir, args.task, test=True)
     names, base = resolve_team(args)
     check_skd_weights(args, names)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
@@ -96,36 +122,53 @@ def main(args):
         check_keep(keep, len(names))
     tokenizer = AutoTokenizer.from_pretrained(base)
     loop = Loop(args, data, tokenizer, transfer)
-    teacher_data = data | ({"transfer": transfer} if transfer else {})
-    team = team_lib.load_team(names, args.task, teacher_data, args.max_seq_len, args.cache_dir,
-                              loop.device) if names else []
+    team = []
+    if names:
+        teacher_data = data | ({"transfer": transfer} if transfer else {})
+        team = team_lib.load_team(names, args.task, teacher_data, args.max_seq_len,
+                                  args.cache_dir, loop.device)
     loop.timings["teachers_s"] = time.time() - t0
     soft, sampler = setup(args, team, loop.device)
     student = autoskd(loop, base, soft, sampler, keep)
     student.eval()
-    test = {s: glue_data.label_texts(args.task, team_lib.predict(student, tokenizer, ex, args.max_seq_len, loop.device))
-            for s, ex in test.items()}  # (every rank takes part)
+    predictions = {}  # (every rank takes part)
+    for split, examples in test.items():
+        logits = team_lib.predict(student, tokenizer, examples, args.max_seq_len, loop.device)
+        predictions[split] = glue_data.label_texts(args.task, logits)
     loop.timings["total_s"] = time.time() - t0
     if loop.rank == 0:  # rank 0 writes
-        save(loop, student, team, sampler, test)
+        save(loop, student, team, sampler, predictions)
     if loop.world > 1:
         dist.barrier()  # the ranks end together: one torn down while another still runs can abort
+
+def finished_already(args):
+    """--resume of a run that had finished: nothing to do, and its results are left alone."""
+    metrics = os.path.join(args.out_dir, "metrics.json")
+    resumable = os.path.isfile(os.path.join(args.out_dir, "resume.pt"))
+    if args.resume and os.path.isfile(metrics) and not resumable:
+        print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; "
+              f"its results are left as they are")
+        return True
+    return False
 
 def setup(args, team, device):
     """Each strategy's teaching, in one place: (soft targets [K, N, C] or None, sampler or None).
     A step distils from soft[k], k drawn from the sampler (k = 0 without one)."""
     if not team:
         return None, None  # none: the labels alone
-    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]).to(device)  # [K, N, C]
+    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team])  # [K, N, C]
+    soft = soft.to(device)
     if args.strategy == "ensemble":
         return soft.mean(0, keepdim=True), None  # the team's mean soft targets, at every step
     if args.strategy == "single":
         return soft, None
-    sampler = TeacherSampler([t.name for t in team], lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
+    names = [t.name for t in team]
+    sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
     if args.strategy == "skd":  # SKDBERT: a fixed p, p_k = w_k / sum_j w_j
         weights = args.weights or teacher_rank([glue_data.score(t.dev_metrics) for t in team])
         sampler.theta = torch.tensor(weights, dtype=torch.float64).log()
-        print("skd distribution: " + ", ".join(f"{t.name} {p:.3f}" for t, p in zip(team, sampler.probs())))
+        shown = [f"{name} {p:.3f}" for name, p in zip(names, sampler.probs())]
+        print("skd distribution: " + ", ".join(shown))
     return soft, sampler  # auto: p is learned; uniform and skd: p stays as it is
 
 def teacher_rank(scores):
@@ -149,13 +192,15 @@ def autoskd(loop, base, soft, sampler, keep):
         heldout = split[:n_held]  # the reward's examples, never trained on in phases 1-2
         train_idx = torch.cat([split[n_held:], everything[n:]])
         reward = Reward(loop, heldout, soft)
-        student, opt, sched = loop.new_student(base, a.phase1_epochs + a.phase2_epochs, len(train_idx))
+        epochs = a.phase1_epochs + a.phase2_epochs
+        student, opt, sched = loop.new_student(base, epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
         sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
         show_selection(sampler)
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
     student, opt, sched = loop.new_student(base, a.epochs, len(everything))
-    loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)  # p frozen: no reward
+    # p frozen: no reward
+    loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)
     return student
 
 def show_selection(sampler):
@@ -167,27 +212,49 @@ def show_selection(sampler):
             print(f"  {verdict} {t['teacher']}: never measured, p {t['p']:.3f}")
             continue
         se = f"{t['reward_se']:.1e}" if t["reward_se"] is not None else "-"
-        print(f"  {verdict} {t['teacher']}: reward {t['reward']:+.3e} ± {se} (n {t['n']}), p {t['p']:.3f}")
+        reward = f"{t['reward']:+.3e} ± {se} (n {t['n']})"
+        print(f"  {verdict} {t['teacher']}: reward {reward}, p {t['p']:.3f}")
 
 # ------------------------------------------------------------------------------- the training loop
 def warmup_then_decay(step, warmup, total):
-    """The learning rate's factor: linear warm-up (non-zero from the first step), then decay to 0 at total."""
+    """The learning rate's factor: linear warm-up (non-zero from the first step), then a linear
+    decay to 0 at total."""
     return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
+def init_distributed():
+    """(device, rank, world): one process per device under torchrun (nccl on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return device, 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
+
+def check_writable(out_dir, rank):
+    """Write a file there: permission bits say nothing to root or on a read-only disk."""
+    probe = os.path.join(out_dir, f".write_test{rank}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror})") from None
+
 class Loop:
-    """What every phase shares: the task's data, encoded once for the student, the device and ranks."""
+    """What every phase shares: the task's data, encoded once for the student, the device, ranks."""
 
     def __init__(self, args, data, tokenizer, transfer=None):
-        self.args, self.data, self.tokenizer = args, data, tokenizer
-        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        if world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.rank, self.world = (dist.get_rank() if world > 1 else 0), world
-        self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter  # (CPU: steal-proof)
-        # The training examples: the N labelled ones of train, then the M of the transfer set if any.
+        self.args = args
+        self.data = data
+        self.tokenizer = tokenizer
+        self.device, self.rank, self.world = init_distributed()
+        # CPU time on CPU: a virtual machine's host may steal wall time
+        self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter
+        # The training examples: train's N labelled ones, then the M of the transfer set if any.
         train = data["train"]
         examples = glue_data.concat(train, transfer) if transfer else train
         self.n_labelled = len(train)
@@ -198,31 +265,33 @@ class Loop:
         self.labelled = torch.arange(len(examples), device=self.device) < len(train)  # [N + M]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.timings = {}  # timings (since this process started) go to metrics.json
-        try:  # write a file: permission bits say nothing to root or on a read-only disk
-            os.makedirs(args.out_dir, exist_ok=True)
-            open(probe := os.path.join(args.out_dir, f".write_test{self.rank}"), "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"--out_dir {args.out_dir} is not writable ({e.strerror})") from None
+        check_writable(args.out_dir, self.rank)
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
         self.resume = self.load_checkpoint() if args.resume else None
-        self.history = self.resume["history"] if self.resume else []  # dev metrics after every epoch
+        self.history = self.resume["history"] if self.resume else []  # dev metrics, every epoch
 
     def new_student(self, base, epochs, n_train):
-        """A fresh student, its AdamW and schedule; self.net is what a step calls (under torchrun, DDP)."""
-        torch.manual_seed(self.args.seed)  # the new head and dropout repeat with the seed
-        labels = glue_data.get_task(self.args.task).labels
-        student = kd.build_student(base, labels, self.args.student_layers, self.args.task)[0].to(self.device)
+        """A fresh student, its AdamW and schedule; self.net is what a step calls (under torchrun,
+        DDP)."""
+        a = self.args
+        torch.manual_seed(a.seed)  # the new head and dropout repeat with the seed
+        labels = glue_data.get_task(a.task).labels
+        student = kd.build_student(base, labels, a.student_layers, a.task)[0].to(self.device)
         if self.rank:
-            torch.manual_seed(self.args.seed + 1000 * self.rank)  # each rank its own dropout masks
-        self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False) if self.world > 1 else student
-        steps = epochs * math.ceil(n_train / self.args.batch_size)
-        opt = torch.optim.AdamW(student.parameters(), lr=self.args.lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_decay(s, max(1, steps // 10), steps))
+            torch.manual_seed(a.seed + 1000 * self.rank)  # each rank its own dropout masks
+        self.net = student
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+        steps = epochs * math.ceil(n_train / a.batch_size)
+        warmup = max(1, steps // 10)
+        opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_then_decay(step, warmup, steps))
         return student, opt, sched
 
     def batch(self, idx):
-        """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]) (GPU: pinned, no host sync)."""
+        """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]); on GPU through pinned
+        memory, with no host sync."""
         b = glue_data.collate(self.tokenizer, self.enc, idx) | {"idx": torch.tensor(idx)}
         if self.device.type == "cuda":
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
@@ -235,34 +304,40 @@ class Loop:
             return student(**b).logits.float(), i
 
     def loss(self, student, idx, soft_k):
-        """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (labels only)."""
+        """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (the
+        labels alone)."""
+        a = self.args
         logits, i = self.logits(student, idx)
-        return kd.kd_loss(logits, self.labels[i], soft_k[i] if soft_k is not None else None,
-                          self.args.temperature, self.args.alpha, self.labelled[i])
+        targets = soft_k[i] if soft_k is not None else None
+        return kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
 
     def reduce_mean(self, value, n):
         """Mean over ranks of a per-rank mean (a tensor of any shape) of n examples."""
         if self.world == 1:
             return value
-        t = torch.cat([value.detach().float().reshape(-1) * n, torch.tensor([float(n)], device=value.device)])
+        count = torch.tensor([float(n)], device=value.device)
+        t = torch.cat([value.detach().float().reshape(-1) * n, count])  # [numel + 1]
         dist.all_reduce(t)
         return (t[:-1] / t[-1]).reshape(value.shape)
 
     def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, reward=None):
         """Train student for `epochs` over train_idx. Every step: teacher k ~ Categorical(p) (k = 0
-        without a sampler), the KD loss on soft[k] (soft [K, N, C]; None: the labels alone), an AdamW
-        step; with a reward (phases 1-2), the sampler learns from it."""
-        parts = {"student": student, "opt": opt, "sched": sched, "sampler": sampler, "reward": reward}
+        without a sampler), the KD loss on soft[k] (soft [K, N, C]; None: the labels alone), an
+        AdamW step; with a reward (phases 1-2), the sampler learns from it."""
+        parts = {"student": student, "opt": opt, "sched": sched, "sampler": sampler,
+                 "reward": reward}
         start = self.restore(phase, parts)
         if start is None:
             return  # the phase had finished before the run was killed
         first, skip, step = start
-        self.ema = None  # the loss shown and checked for NaN: a moving average over this phase's steps
+        self.ema = None  # the loss shown and checked for NaN: a moving average over the phase
         student.train()  # dropout on: from_pretrained hands over a model in eval mode
         for epoch in range(first, epochs + 1):
-            t, order_state = self.clock(), self.order.get_state()  # (to redraw the epoch's batches on resume)
+            t = self.clock()
+            order_state = self.order.get_state()  # to draw the epoch's batches again on resume
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
-            bar = tqdm(order[skip:], f"{phase} epoch {epoch}/{epochs}", len(order), initial=skip, mininterval=1)
+            desc = f"{phase} epoch {epoch}/{epochs}"
+            bar = tqdm(order[skip:], desc, len(order), initial=skip, mininterval=1)
             for i, b in enumerate(bar, skip):
                 if len(b) < self.world:
                     continue  # a last batch too small to give every rank an example
@@ -272,64 +347,87 @@ class Loop:
                     reward.before(student, idx, step, opt.param_groups[0]["lr"])
                 loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
                 save = (step + 1) % self.args.save_every == 0
-                self.step(loss, parts, bar, f"{phase} epoch {epoch} step {step + 1}", save or i == len(order) - 1)
+                where = f"{phase} epoch {epoch} step {step + 1}"
+                self.step(loss, parts, bar, where, read=save or i == len(order) - 1)
                 if reward:
                     sampler.update(k, reward.after(student, step))  # only theta_k moves
                 step += 1
                 if save:
-                    self.checkpoint(parts, phase=phase, epoch=epoch, batch=i + 1, step=step, order=order_state)
-            skip, T = 0, self.timings  # T: the training steps alone, for bench.py --speed
-            T[phase + "_steps"], T[phase + "_steps_s"] = step, T.get(phase + "_steps_s", 0) + self.clock() - t
+                    self.checkpoint(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
+                                    order=order_state)
+            skip = 0
+            self.count_time(phase, step, self.clock() - t)
             self.evaluate(phase, epoch, student)
-            self.checkpoint(parts, phase=phase, epoch=epoch + 1, batch=0, step=step, order=self.order.get_state())
+            self.checkpoint(parts, phase=phase, epoch=epoch + 1, batch=0, step=step,
+                            order=self.order.get_state())
+
+    def count_time(self, phase, steps, seconds):
+        """The training steps' own time (no evaluation), for bench.py --speed."""
+        self.timings[phase + "_steps"] = steps
+        self.timings[phase + "_steps_s"] = self.timings.get(phase + "_steps_s", 0) + seconds
 
     def step(self, loss, parts, bar, where, read):
         """Backward, clip, AdamW and schedule steps. A NaN loss stops the run before it reaches the
-        weights: the loss is read on the host every step on CPU; on GPU every 50 steps and when `read`."""
-        self.ema = loss.detach() if self.ema is None else 0.98 * self.ema + 0.02 * loss.detach()  # NaN stays
+        weights: the loss is read on the host every step on CPU; on GPU every 50 steps and when
+        `read`."""
+        ema = loss.detach() if self.ema is None else 0.98 * self.ema + 0.02 * loss.detach()
+        self.ema = ema  # (a NaN stays in it)
         if self.device.type == "cpu" or bar.n % 50 == 0 or read:
-            value = float(self.reduce_mean(self.ema, 1))
+            value = float(self.reduce_mean(ema, 1))
             if not math.isfinite(value):
-                raise FloatingPointError(f"{where}: the loss is {value}; the usual cause is a learning rate too "
-                                         f"high for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
+                raise FloatingPointError(
+                    f"{where}: the loss is {value}; the usual cause is a learning rate too high "
+                    f"for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
             bar.set_postfix(loss=f"{value:.4g}", refresh=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parts["student"].parameters(), 1.0)
-        parts["opt"].step(), parts["sched"].step(), parts["opt"].zero_grad(set_to_none=True)
+        parts["opt"].step()
+        parts["sched"].step()
+        parts["opt"].zero_grad(set_to_none=True)
 
     def evaluate(self, phase, epoch, student):
         """Dev metrics, for reporting only: {split: {metric: value}}."""
+        a = self.args
         student.eval()
-        dev = {s: glue_data.compute_metrics(self.args.task, team_lib.predict(
-            student, self.tokenizer, ex, self.args.max_seq_len, self.device), ex.labels)
-            for s, ex in self.data.items() if s != "train"}
+        dev = {}
+        for split, examples in self.data.items():
+            if split == "train":
+                continue
+            logits = team_lib.predict(student, self.tokenizer, examples, a.max_seq_len, self.device)
+            dev[split] = glue_data.compute_metrics(a.task, logits, examples.labels)
         student.train()
         self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
         print(f"{phase} epoch {epoch}: {glue_data.show(dev)}")
 
     # ------------------------------------------------------------------ resume: all of it
     def checkpoint(self, parts, **where):
-        """Everything --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
+        """Everything --resume needs to go on from the next batch as if never killed (rank 0
+        writes)."""
         rng = [torch.get_rng_state()] * self.world  # each rank's own (its dropout masks differ)
         if self.world > 1:
             dist.all_gather_object(rng, torch.get_rng_state())
-        if self.rank == 0:
-            state = where | {n: p.state_dict() for n, p in parts.items() if p is not None} | {
-                "rng": rng, "world": self.world, "history": self.history, "args": vars(self.args)}
-            glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
+        if self.rank > 0:
+            return
+        states = {name: part.state_dict() for name, part in parts.items() if part is not None}
+        run = {"rng": rng, "world": self.world, "history": self.history, "args": vars(self.args)}
+        state = where | states | run
+        glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
 
     def load_checkpoint(self):
-        """The checkpoint --resume goes on from, refused when written with other flags; None: none."""
-        path, args = self.resume_path, self.args
+        """The checkpoint --resume goes on from, refused when written with other flags; None:
+        none."""
+        path = self.resume_path
         if not os.path.isfile(path):
-            print(f"note: nothing to resume in {args.out_dir}; starting afresh")
+            print(f"note: nothing to resume in {self.args.out_dir}; starting afresh")
             return None
         try:
             r = torch.load(path, weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without --resume to start afresh, "
-                             f"or delete it") from None
-        other = [k for k, v in r["args"].items() if k not in ("resume", "save_every") and vars(args).get(k) != v]
+            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without "
+                             f"--resume to start afresh, or delete it") from None
+        ours = vars(self.args)
+        free = ("resume", "save_every")  # flags a resumed run may change
+        other = [k for k, v in r["args"].items() if k not in free and ours.get(k) != v]
         if other:
             raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
                              f"rerun with the same flags, or without --resume")
@@ -339,7 +437,8 @@ class Loop:
 
     def restore(self, phase, parts):
         """Where `phase` starts: (epoch, batch, step); None when it had finished before the run was
-        killed. The checkpoint's states go back into parts (the sampler's also for finished phases)."""
+        killed. The checkpoint's states go back into parts (the sampler's also for finished
+        phases)."""
         r = self.resume
         if r is None or PHASES.index(r["phase"]) < PHASES.index(phase):
             return 1, 0, 0
@@ -350,7 +449,8 @@ class Loop:
         for name, part in parts.items():
             if part is not None:
                 part.load_state_dict(r[name])
-        self.order.set_state(r["order"]), torch.set_rng_state(r["rng"][self.rank])
+        self.order.set_state(r["order"])
+        torch.set_rng_state(r["rng"][self.rank])
         self.resume = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
@@ -363,7 +463,7 @@ class Reward:
     how much a step of size lr on its soft targets would lower the held-out expected error E, to
     first order. Teacher j's step is -lr * g_j, so with z [B, C] the batch's logits:
 
-        r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,    h = dE/dtheta,  g_j = J^T dL_j/dz,  J = dz/dtheta
+        r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
 
     Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
     carries the direction h) scores the whole team on the same batch and the same held-out
@@ -373,21 +473,27 @@ class Reward:
     """
 
     def __init__(self, loop, heldout, soft):
-        self.loop, self.heldout, self.soft, self.is_lookahead = loop, heldout, soft, loop.args.reward == "lookahead"
+        self.loop = loop
+        self.heldout = heldout  # [H] indices of held-out training examples
+        self.soft = soft  # [K, N, C]
+        self.is_lookahead = loop.args.reward == "lookahead"
         size = min(len(heldout), loop.args.probe_size or loop.args.batch_size)
-        self.probes = [b for b in glue_data.batches(loop.lengths[heldout], size) if len(b) >= loop.world]
-        if not self.probes:  # every rank takes a share of a probe
-            raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} processes: "
-                             f"raise --probe_size or --heldout")
+        probes = glue_data.batches(loop.lengths[heldout], size)
+        self.probes = [b for b in probes if len(b) >= loop.world]  # every rank takes a share
+        if not self.probes:
+            raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} "
+                             f"processes: raise --probe_size or --heldout")
         self.state = None  # h (lookahead) or the held-out loss (step): what the next reward needs
 
     def probe(self, step):
         """The held-out examples of this step (a batch kept for --probe_every steps)."""
-        return self.heldout[self.probes[(step // self.loop.args.probe_every) % len(self.probes)]].tolist()
+        n = step // self.loop.args.probe_every
+        return self.heldout[self.probes[n % len(self.probes)]].tolist()
 
     def before(self, student, idx, step, lr):
         if step % self.loop.args.probe_every == 0 or self.state is None:
-            self.state = (self.heldout_grad if self.is_lookahead else self.heldout_loss)(student, self.probe(step))
+            measure = self.heldout_grad if self.is_lookahead else self.heldout_loss
+            self.state = measure(student, self.probe(step))
         if self.is_lookahead:
             self.values = self.lookahead(student, idx, self.state, lr).tolist()  # [K]
 
@@ -396,7 +502,8 @@ class Reward:
         if self.is_lookahead:
             return self.values
         loss = self.heldout_loss(student, self.probe(step))
-        reward, self.state = self.state - loss, loss
+        reward = self.state - loss
+        self.state = loss
         return reward
 
     def state_dict(self):
@@ -408,17 +515,19 @@ class Reward:
     @torch.no_grad()
     def heldout_loss(self, student, idx):
         """Hard-label loss on held-out examples, no dropout, averaged over ranks (a host sync)."""
-        L, mine = self.loop, idx[self.loop.rank::self.loop.world]
+        L = self.loop
+        mine = idx[L.rank::L.world]
         student.eval()
         loss = L.loss(student, mine, None)
         student.train()
         return float(L.reduce_mean(loss, len(mine)))
 
     def heldout_grad(self, student, idx):
-        """h: the gradient of the expected error on held-out examples (no dropout) over the trainable
-        weights, averaged over ranks: a list of tensors shaped as the weights, each with a storage
-        of its own (forward-mode AD would copy a slice of a larger tensor at every use)."""
-        L, mine = self.loop, idx[self.loop.rank::self.loop.world]
+        """h: the gradient of the expected error on held-out examples (no dropout) over the
+        trainable weights, averaged over ranks: a list of tensors shaped as the weights, each with
+        a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use)."""
+        L = self.loop
+        mine = idx[L.rank::L.world]
         params = [p for p in student.parameters() if p.requires_grad]
         student.eval()
         logits, i = L.logits(student, mine)
@@ -426,42 +535,47 @@ class Reward:
         grads = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
         student.train()
         if L.world == 1:
-            return list(grads)  # (copying them into one flat tensor and back costs a fifth of this)
-        h = L.reduce_mean(torch.cat([g.reshape(-1) for g in grads]), len(mine))  # [P]: one all-reduce
-        return [v.view_as(p).clone() for v, p in zip(h.split([p.numel() for p in params]), params)]
+            return list(grads)  # (a flat copy and back would cost a fifth of this call)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # [P]: one all-reduce for all
+        h = L.reduce_mean(flat, len(mine)).split([p.numel() for p in params])
+        return [v.view_as(p).clone() for v, p in zip(h, params)]
 
     def lookahead(self, student, idx, h, lr):
         """Every teacher's r_j on the batch idx, [K] (see the class docstring)."""
         L = self.loop
+        a = L.args
         b, i = L.batch(idx)
-        names, params = zip(*[(n, p) for n, p in student.named_parameters() if p.requires_grad])  # as in h
-        weights = tuple(p.detach() for p in params)
+        trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # as in h
+        names = [n for n, _ in trained]
+        weights = tuple(p.detach() for _, p in trained)
 
         def logits(*w):
-            return torch.func.functional_call(student, dict(zip(names, w)), kwargs=b).logits.float()
+            out = torch.func.functional_call(student, dict(zip(names, w)), kwargs=b)
+            return out.logits.float()
 
         student.eval()
-        # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
-        # attention kernels have no forward-mode derivative; the plain one computes the same thing.
+        # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The
+        # fused attention kernels have no forward-mode derivative; the plain one computes the same.
         with torch.autocast(L.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
             z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
         student.train()
         z = z.detach().requires_grad_()
         dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
         for soft in self.soft:
-            loss = kd.kd_loss(z, L.labels[i], soft[i], L.args.temperature, L.args.alpha, L.labelled[i])
+            loss = kd.kd_loss(z, L.labels[i], soft[i], a.temperature, a.alpha, L.labelled[i])
             dz.append(torch.autograd.grad(loss, z)[0])
         values = lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
         return L.reduce_mean(values, 1)  # DDP averages the ranks' gradients alike
 
 # ------------------------------------------------------------------------------- inputs and outputs
 def resolve_team(args):
-    """Teacher checkpoints, sorted (a draw picks by position, so the order named decides nothing), and
-    the student's checkpoint. With no --teachers, the folders in teachers/<TASK>/, where the --team
-    recipe is fine-tuned first when none are there (or its build was killed)."""
+    """Teacher checkpoints, sorted (a draw picks by position, so the order named decides nothing),
+    and the student's checkpoint. With no --teachers, the folders in teachers/<TASK>/, where the
+    --team recipe is fine-tuned first when none are there (or its build was killed)."""
     if args.strategy == "none":
         if not args.student:
-            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint (hub name or folder)")
+            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
+                             "(hub name or folder)")
         return [], args.student
     folder = os.path.join("teachers", args.task)
     recipe = None
@@ -469,15 +583,16 @@ def resolve_team(args):
         recipe = build_team(args, folder)
     names = sorted(args.teachers or team_lib.find_teachers(folder))
     if args.strategy == "single" and len(names) != 1:
-        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: name one with --teachers DIR")
+        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
+                         f"name one with --teachers DIR")
     if args.student:
         return names, args.student
     if recipe:
         args.student_layers = args.student_layers or recipe.student_layers
         print(f"student: {recipe.student} (the {args.team or 'small'} team's)")
         return names, recipe.student
-    bases = [getattr(AutoConfig.from_pretrained(team_lib.local_folder(n)), "base_model", None) for n in names]
-    base = next((b for b in bases if b), None)
+    configs = [AutoConfig.from_pretrained(team_lib.local_folder(n)) for n in names]
+    base = next((c.base_model for c in configs if getattr(c, "base_model", None)), None)
     if not base:
         raise ValueError("the teachers do not record the checkpoint they were fine-tuned from: "
                          "pass --student <name or folder>")
@@ -493,7 +608,8 @@ def build_team(args, folder):
         with open(team_file) as f:
             name = json.load(f)["recipe"]
         if args.team and args.team != name:
-            raise ValueError(f"{folder}/ holds the {name} team: pass --team {name}, or --teachers DIR [DIR ...]")
+            raise ValueError(f"{folder}/ holds the {name} team: pass --team {name}, "
+                             f"or --teachers DIR [DIR ...]")
     elif team_lib.find_teachers(folder):
         return None  # teachers made by hand
     else:
@@ -501,12 +617,13 @@ def build_team(args, folder):
     if name not in team_lib.RECIPES:
         raise ValueError(f"--team {name}: no such recipe (choose {' or '.join(team_lib.RECIPES)})")
     recipe = team_lib.RECIPES[name]
-    todo = [t for t in recipe.teachers if not os.path.isfile(os.path.join(folder, t, "metrics.json"))]
+    done = [t for t in recipe.teachers if os.path.isfile(os.path.join(folder, t, "metrics.json"))]
+    todo = [t for t in recipe.teachers if t not in done]
     if not todo:
         return recipe
     epochs = recipe.epochs(args.task)
-    print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers to "
-          f"fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
+    print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers "
+          f"to fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
     for t in recipe.teachers:
         checkpoint, lr = recipe.teachers[t]
         print(f"  {t}: {checkpoint}, lr {lr}" + ("" if t in todo else " (there)"))
@@ -515,15 +632,19 @@ def build_team(args, folder):
     os.makedirs(folder, exist_ok=True)
     glue_data.write_json(team_file, {"recipe": name})
     for t in todo:
-        checkpoint, lr = recipe.teachers[t]
-        out = os.path.join(folder, t)
-        argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none", "--student", checkpoint,
-                "--epochs", str(epochs), "--lr", str(lr), "--batch_size", str(recipe.batch_size),
-                "--max_seq_len", str(args.max_seq_len), "--seed", str(args.seed), "--out_dir", out]
-        resume = os.path.isfile(os.path.join(out, "resume.pt"))
-        print(f"fine-tuning teacher {t} ({checkpoint})" + (", resumed" if resume else ""))
-        main(parse_args(argv + ["--resume"] * resume))
+        fine_tune(args, recipe, t, os.path.join(folder, t))
     return recipe
+
+def fine_tune(args, recipe, teacher, out):
+    """One teacher of a recipe fine-tuned into out by `--strategy none`, resumed if killed."""
+    checkpoint, lr = recipe.teachers[teacher]
+    argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none",
+            "--student", checkpoint, "--epochs", str(recipe.epochs(args.task)), "--lr", str(lr),
+            "--batch_size", str(recipe.batch_size), "--max_seq_len", str(args.max_seq_len),
+            "--seed", str(args.seed), "--out_dir", out]
+    resume = os.path.isfile(os.path.join(out, "resume.pt"))
+    print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
+    main(parse_args(argv + ["--resume"] * resume))
 
 def check_checkpoint(checkpoint, team):
     """Stop with one sentence when a recipe's checkpoint cannot be had (offline, say)."""
@@ -531,8 +652,9 @@ def check_checkpoint(checkpoint, team):
         AutoConfig.from_pretrained(checkpoint)
         AutoTokenizer.from_pretrained(checkpoint)
     except OSError as e:
-        raise ValueError(f"could not download {checkpoint} for the {team} team ({str(e).splitlines()[0]}): "
-                         f"check the connection, or pass your own team with --teachers DIR [DIR ...] "
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"could not download {checkpoint} for the {team} team ({reason}): check "
+                         f"the connection, or pass your own team with --teachers DIR [DIR ...] "
                          f"and --student") from None
 
 def fetch_missing_data(args):
@@ -543,7 +665,8 @@ def fetch_missing_data(args):
     if os.path.isdir(folder):
         return
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"no {args.task} data in {folder}: writing it from the hub's GLUE copy ({glue_data.HUB})")
+        print(f"no {args.task} data in {folder}: writing it from the hub's GLUE copy "
+              f"({glue_data.HUB})")
         glue_data.download([args.task], args.data_dir)
     while not os.path.isdir(folder):
         time.sleep(1)
@@ -562,7 +685,8 @@ def check_skd_weights(args, names):
     if args.weights is None:
         return
     if args.strategy != "skd":
-        raise ValueError(f"--weights sets --strategy skd's distribution; --strategy is {args.strategy}")
+        raise ValueError(f"--weights sets --strategy skd's distribution; "
+                         f"--strategy is {args.strategy}")
     if len(args.weights) != len(names):
         raise ValueError(f"--weights gives {len(args.weights)} weights for {len(names)} teachers "
                          f"(in this order: {', '.join(names)})")
@@ -571,53 +695,79 @@ def check_skd_weights(args, names):
                          f"and one at least > 0")
 
 def save(loop, student, team, sampler, test):
-    """The student with its model card, metrics.json, distribution.json and the test predictions, each
-    written whole or not at all."""
-    a, out, tmp = loop.args, loop.args.out_dir, os.path.join(loop.args.out_dir, ".student.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        student.save_pretrained(tmp), loop.tokenizer.save_pretrained(tmp)
-    except Exception as e:  # a full disk: the student there before, if any, is left whole
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the student to {out} ({e}); the files there are unchanged") from None
-    for f in os.listdir(tmp):
-        os.replace(os.path.join(tmp, f), os.path.join(out, f))
-    os.rmdir(tmp)
-    dev, names = loop.history[-1]["dev"], [t.name for t in team]
+    """The student with its model card, metrics.json, distribution.json and the test predictions,
+    each written whole or not at all."""
+    a = loop.args
+    out = a.out_dir
+    save_student(student, loop.tokenizer, out)
+    dev = loop.history[-1]["dev"]
+    names = [t.name for t in team]
     final = sampler.probs().tolist() if sampler else [1 / len(team) for _ in team]
-    glue_data.write_json(os.path.join(out, "metrics.json"), {
-        "task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev, "score": glue_data.score(dev),
-        "history": loop.history, "timings": loop.timings, "teachers": {t.name: t.dev_metrics for t in team},
-        "args": vars(a)})
+    metrics = {"task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev,
+               "score": glue_data.score(dev), "history": loop.history, "timings": loop.timings,
+               "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(a)}
+    glue_data.write_json(os.path.join(out, "metrics.json"), metrics)
     if team:
-        glue_data.write_json(os.path.join(out, "distribution.json"), {"teachers": names, "final": final} | (
-            sampler.record() if a.strategy == "auto" else {}))
-        print("final distribution: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, final)))
-    glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(model_card(a, student, dev, names, final)))
+        learned = sampler.record() if a.strategy == "auto" else {}
+        distribution = {"teachers": names, "final": final} | learned
+        glue_data.write_json(os.path.join(out, "distribution.json"), distribution)
+        shown = [f"{name} {p:.3f}" for name, p in zip(names, final)]
+        print("final distribution: " + ", ".join(shown))
+    card = model_card(a, student, dev, names, final)
+    glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
     for split, labels in test.items():  # the GLUE server's format: MNLI-m.tsv, RTE.tsv, ...
         path = os.path.join(out, glue_data.test_files(a.task)[split] + ".tsv")
-        glue_data.write_atomic(path, lambda f: f.write("index\tprediction\n" + "".join(f"{i}\t{y}\n" for i, y in enumerate(labels))))
+        rows = "".join(f"{i}\t{y}\n" for i, y in enumerate(labels))
+        glue_data.write_atomic(path, lambda f: f.write("index\tprediction\n" + rows))
         print(f"wrote {path}: {len(labels)} test predictions")
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
-    print(f"done in {loop.timings['total_s']:.0f}s: dev score {glue_data.score(dev):.4f}; wrote {out}")
+    score = glue_data.score(dev)
+    print(f"done in {loop.timings['total_s']:.0f}s: dev score {score:.4f}; wrote {out}")
+
+def save_student(student, tokenizer, out):
+    """The student's files into out, written beside and moved in: a full disk leaves the student
+    there before, if any, whole."""
+    tmp = os.path.join(out, ".student.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the student to {out} ({e}); "
+                      f"the files there are unchanged") from None
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    os.rmdir(tmp)
 
 def model_card(a, student, dev, teachers, final):
-    """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was distilled."""
+    """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was
+    distilled."""
     from huggingface_hub import EvalResult, ModelCardData  # comes with transformers
-    base, name = student.config.base_model, os.path.basename(os.path.normpath(a.out_dir))
+    base = student.config.base_model
+    name = os.path.basename(os.path.normpath(a.out_dir))
     splits = {ours: hub for hub, ours in glue_data.HUB_SPLITS.items()}  # dev -> validation, ...
-    results = [EvalResult(task_type="text-classification", dataset_type=glue_data.HUB, dataset_name=f"GLUE {a.task}",
-                          dataset_config=glue_data.HUB_TASKS[a.task][0], dataset_split=splits[s], metric_type=m,
-                          metric_value=round(v, 4)) for s, ms in dev.items() for m, v in ms.items()]
-    front = ModelCardData(model_name=name, eval_results=results, base_model=None if os.path.isabs(base) else base,
-                          datasets=[glue_data.HUB], tags=["knowledge-distillation", "autoskdbert"],
-                          library_name="transformers", pipeline_tag="text-classification").to_yaml()
-    team = ", ".join(f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)) or "none"
-    return (f"---\n{front}\n---\n\n# {name}\n\nThe bottom {student.config.num_hidden_layers} transformer layer(s) "
-            f"of `{os.path.basename(base)}`, trained on GLUE {a.task} with AutoSKDBERT's reference implementation, "
-            f"`distill.py --strategy {a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
-            f"lr {a.lr}, seed {a.seed}).\n\nTeachers, with the final sampling distribution: {team}.\n\n"
+    results = []
+    for split, metrics in dev.items():
+        for metric, value in metrics.items():
+            results.append(EvalResult(
+                task_type="text-classification", dataset_type=glue_data.HUB,
+                dataset_name=f"GLUE {a.task}", dataset_config=glue_data.HUB_TASKS[a.task][0],
+                dataset_split=splits[split], metric_type=metric, metric_value=round(value, 4)))
+    front = ModelCardData(
+        model_name=name, eval_results=results, base_model=None if os.path.isabs(base) else base,
+        datasets=[glue_data.HUB], tags=["knowledge-distillation", "autoskdbert"],
+        library_name="transformers", pipeline_tag="text-classification").to_yaml()
+    shares = [f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)]
+    team = ", ".join(shares) or "none"
+    layers = student.config.num_hidden_layers
+    return (f"---\n{front}\n---\n\n# {name}\n\n"
+            f"The bottom {layers} transformer layer(s) of `{os.path.basename(base)}`, trained on "
+            f"GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy "
+            f"{a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
+            f"lr {a.lr}, seed {a.seed}).\n\n"
+            f"Teachers, with the final sampling distribution: {team}.\n\n"
             f"Dev: {glue_data.show(dev)}.\n")
 
 if __name__ == "__main__":
@@ -630,7 +780,8 @@ if __name__ == "__main__":
         sys.stderr = sys.__stderr__
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted; to go on from the last checkpoint, run the same command with --resume")
+        sys.exit("interrupted; to go on from the last checkpoint, "
+                 "run the same command with --resume")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,7 +2,7 @@
 
 The paper evaluates on the GLUE benchmark (Wang et al., 2019), in the usual download script's layout
 
-    <data_dir>/<TASK>/train.tsv, dev.tsv, test.tsv    (MNLI: dev_matched.tsv, dev_mismatched.tsv, ...)
+    <data_dir>/<TASK>/train.tsv, dev.tsv, test.tsv    (MNLI: dev_matched.tsv, ...)
 
 which this module writes from the public GLUE copy on the Hugging Face hub (needs `datasets`):
 
@@ -31,13 +31,14 @@ class Task:
     skip_short_rows: bool = False  # QQP: a handful of rows of the public train file miss a question
 
 # Columns and labels as the public GLUE files have them; labels in the order of the hub's GLUE copy
-# (nyu-mll/glue), which models fine-tuned on it follow, also when they name them LABEL_0, LABEL_1, ...
+# (nyu-mll/glue), which models fine-tuned on it follow, also when they name them LABEL_0, ...
 TASKS = {
     "CoLA": Task(3, None, 1, ["0", "1"], ("mcc",), header=False),  # source, label, mark, sentence
     "SST-2": Task("sentence", None, "label", ["0", "1"], ("accuracy",)),
     "MRPC": Task("#1 String", "#2 String", "Quality", ["0", "1"], ("accuracy", "f1")),
     "STS-B": Task("sentence1", "sentence2", "score", None, ("pearson", "spearman")),
-    "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"), skip_short_rows=True),
+    "QQP": Task("question1", "question2", "is_duplicate", ["0", "1"], ("accuracy", "f1"),
+                skip_short_rows=True),
     "MNLI": Task("sentence1", "sentence2", "gold_label", ["entailment", "neutral", "contradiction"],
                  ("accuracy",), dev=("dev_matched", "dev_mismatched")),
     "QNLI": Task("question", "sentence", "label", ["entailment", "not_entailment"], ("accuracy",)),
@@ -66,45 +67,70 @@ def get_task(name):
     return TASKS[name]
 
 def load_task(data_dir, task_name, test=False):
-    """{split: Examples} for one task: train and dev; with test=True, the test splits (test_files)."""
-    folder, task = os.path.join(data_dir, task_name), get_task(task_name)
+    """{split: Examples} for one task: train and dev; with test=True, the test splits
+    (test_files)."""
+    folder = os.path.join(data_dir, task_name)
+    task = get_task(task_name)
     if not os.path.isdir(folder):
-        raise DataError(f"no {task_name} data in {folder}: write it with `python glue_data.py --download "
-                        f"{task_name} --data_dir {data_dir}`, or pass --data_dir")
+        raise DataError(f"no {task_name} data in {folder}: write it with `python glue_data.py "
+                        f"--download {task_name} --data_dir {data_dir}`, or pass --data_dir")
     splits = list(test_files(task_name)) if test else ["train", *task.dev]
-    return {s: read_split(os.path.join(folder, s + ".tsv"), task_name, labelled=not test) for s in splits}
+    paths = {split: os.path.join(folder, split + ".tsv") for split in splits}
+    return {split: read_split(path, task_name, labelled=not test) for split, path in paths.items()}
 
 def test_files(task_name):
     """{test split: the name the GLUE server wants for its predictions file}."""
-    return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"} if task_name == "MNLI" else {"test": task_name}
+    if task_name == "MNLI":
+        return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+    return {"test": task_name}
 
 def read_split(path, task_name, labelled=True):
-    """Read one TSV file into Examples; a malformed row raises DataError naming file:line. utf-8-sig
-    drops the byte-order mark some MRPC files start with; rows are split on tabs only, with no quote
-    handling: GLUE sentences hold unpaired quotes. Test files (not labelled) all have a header."""
+    """Read one TSV file into Examples; a malformed row raises DataError naming file:line. Test
+    files (not labelled) all have a header, CoLA's too (its train and dev files have none)."""
     task = get_task(task_name)
+    rows = read_rows(path)  # [(line number, fields)]
+    header = rows.pop(0)[1] if task.header or not labelled else list(range(4))
+    column_a = task.a if task.header or labelled else "sentence"
+    column_label = task.label if labelled else None
+    missing = [c for c in (column_a, task.b, column_label) if c is not None and c not in header]
+    if missing:
+        raise DataError(f"{path}:1: header has no column {missing[0]!r} "
+                        f"(is this the {task_name} file?)")
+    kept = complete_rows(rows, len(header), task.skip_short_rows and labelled, path)
+    text_a = [r[header.index(column_a)] for _, r in kept]
+    text_b = [r[header.index(task.b)] for _, r in kept] if task.b else None
+    labels = [None] * len(kept)
+    if labelled:
+        i = header.index(column_label)
+        labels = [parse_label(r[i], task, f"{path}:{n}") for n, r in kept]
+    return Examples(text_a, text_b, labels, path)
+
+def read_rows(path):
+    """[(line number, fields)] of a TSV file's non-empty lines. utf-8-sig drops the byte-order mark
+    some MRPC files start with; rows are split on tabs only, with no quote handling: GLUE
+    sentences hold unpaired quotes."""
     if not os.path.isfile(path):
         raise DataError(f"missing data file {path}")
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1) if line.strip("\r\n")]
+        lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1)]
+    rows = [(n, line.split("\t")) for n, line in lines if line]
     if not rows:
         raise DataError(f"{path} is empty")
-    header = rows.pop(0)[1] if task.header or not labelled else list(range(4))
-    columns = [task.a if task.header or labelled else "sentence", task.b, task.label if labelled else None]
-    missing = [c for c in columns if c is not None and c not in header]
-    if missing:
-        raise DataError(f"{path}:1: header has no column {missing[0]!r} (is this the {task_name} file?)")
-    ia, ib, il = (header.index(c) if c is not None else None for c in columns)
-    kept = [(n, r) for n, r in rows if not (task.skip_short_rows and labelled and len(r) < len(header))]
+    return rows
+
+def complete_rows(rows, width, skip_short, path):
+    """The rows with `width` fields; a row of another width raises DataError, unless skip_short
+    and it is shorter (QQP: a handful of rows of the public train file miss a question)."""
+    kept = [(n, r) for n, r in rows if not (skip_short and len(r) < width)]
     for n, row in kept:
-        if len(row) != len(header):
-            raise DataError(f"{path}:{n}: expected {len(header)} tab-separated fields, found {len(row)}")
+        if len(row) != width:
+            raise DataError(f"{path}:{n}: expected {width} tab-separated fields, found {len(row)}")
     if len(kept) < len(rows):
-        print(f"note: skipped {len(rows) - len(kept)} incomplete rows of {path} (known defect of the public file)")
+        print(f"note: skipped {len(rows) - len(kept)} incomplete rows of {path} "
+              f"(known defect of the public file)")
     if not kept:
         raise DataError(f"{path} holds no examples")
-    return Examples([r[ia] for _, r in kept], [r[ib] for _, r in kept] if task.b else None,
-                    [parse_label(r[il], task, f"{path}:{n}") if labelled else None for n, r in kept], path)
+    return kept
 
 def concat(first, second):
     """The examples of first, then those of second (labels None where second has none)."""
@@ -122,13 +148,14 @@ def parse_label(text, task, where):
     return task.labels.index(text)
 
 def label_texts(task_name, logits):
-    """Model outputs [N, C] as the task's label strings (STS-B: [N, 1], the score clipped to [0, 5])."""
+    """Model outputs [N, C] as the task's label strings (STS-B: [N, 1], the score clipped to
+    [0, 5])."""
     labels = get_task(task_name).labels
     if labels is None:
         return [f"{min(max(v, 0.0), 5.0):.3f}" for v in logits[:, 0].tolist()]
     return [labels[i] for i in logits.argmax(-1).tolist()]
 
-# ---------------------------------------------------------------------------------- tokens and batches
+# ----------------------------------------------------------------------------- tokens and batches
 def encode(tokenizer, examples, max_len):
     """Token ids per example, unpadded: {"input_ids": [N][len], "attention_mask": ..., ...}."""
     enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_len)
@@ -139,18 +166,21 @@ def lengths(enc):
 
 def collate(tokenizer, enc, idx):
     """The examples idx padded to the longest among them: {name: LongTensor [B, L]}."""
-    return dict(tokenizer.pad({k: [rows[i] for i in idx] for k, rows in enc.items()}, return_tensors="pt"))
+    chosen = {name: [rows[i] for i in idx] for name, rows in enc.items()}
+    return dict(tokenizer.pad(chosen, return_tensors="pt"))
 
 def batches(lengths, batch_size, generator=None, group=50):
     """Index batches over examples of the given token lengths [N], grouped by length to pad little.
     With a generator (training): shuffle, sort within chunks of `group` batches, cut, shuffle the
-    batches, so batches stay random yet hold examples of similar length. Without: sorted by length."""
+    batches, so batches stay random yet hold examples of similar length. Without: sorted by
+    length."""
     lengths = torch.as_tensor(lengths)
     if generator is None:
         order = torch.argsort(lengths, stable=True)
     else:
         order = torch.randperm(len(lengths), generator=generator)
-        order = torch.cat([c[torch.argsort(lengths[c], stable=True)] for c in order.split(batch_size * group)])
+        chunks = order.split(batch_size * group)
+        order = torch.cat([c[torch.argsort(lengths[c], stable=True)] for c in chunks])
     out = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     if generator is not None:
         out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
@@ -162,12 +192,14 @@ def accuracy(pred, gold):
 
 def f1(pred, gold):
     """F1 of the positive class 1, as GLUE reports it for MRPC and QQP: 2 tp / (2 tp + fp + fn)."""
-    p, g = np.asarray(pred) == 1, np.asarray(gold) == 1
+    p = np.asarray(pred) == 1
+    g = np.asarray(gold) == 1
     return 2 * float((p & g).sum()) / max(1, p.sum() + g.sum())
 
 def pearson(x, y):
     """Pearson correlation (0 when either side is constant)."""
-    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
+    x = np.asarray(x, float) - np.mean(x)
+    y = np.asarray(y, float) - np.mean(y)
     den = math.sqrt((x @ x) * (y @ y))
     return float(x @ y) / den if den else 0.0
 
@@ -211,46 +243,54 @@ def write_atomic(path, write, binary=False):
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"could not write {path} ({e}); the file there before, if any, is unchanged") from None
+        raise OSError(f"could not write {path} ({e}); "
+                      f"the file there before, if any, is unchanged") from None
     os.replace(tmp, path)
 
 def write_json(path, obj):
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))
 
 # ---------------------------------------------------------------------------------- download
-HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub. Per task: its config, its text
-# fields, and the published files' headers, train and dev then test (columns the hub lacks stay empty;
-# CoLA's train and dev files have none: source, label, mark, sentence)
+HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub. Per task: its config, its
+# text fields, and the published files' headers, train and dev then test (columns the hub lacks
+# stay empty; CoLA's train and dev files have none: source, label, mark, sentence)
 HUB_TASKS = {
     "CoLA": ("cola", "sentence", None, None, "index sentence"),
     "SST-2": ("sst2", "sentence", None, "sentence label", "index sentence"),
     "MRPC": ("mrpc", "sentence1", "sentence2", "Quality|#1 ID|#2 ID|#1 String|#2 String",
              "index|#1 ID|#2 ID|#1 String|#2 String"),
-    "STS-B": ("stsb", "sentence1", "sentence2", "index genre filename year old_index source1 source2 "
-              "sentence1 sentence2 score", "index genre filename year old_index source1 source2 "
-              "sentence1 sentence2"),
+    "STS-B": ("stsb", "sentence1", "sentence2",
+              "index genre filename year old_index source1 source2 sentence1 sentence2 score",
+              "index genre filename year old_index source1 source2 sentence1 sentence2"),
     "QQP": ("qqp", "question1", "question2", "id qid1 qid2 question1 question2 is_duplicate",
             "id question1 question2"),
-    "MNLI": ("mnli", "premise", "hypothesis", "index promptID pairID genre sentence1_binary_parse "
-             "sentence2_binary_parse sentence1_parse sentence2_parse sentence1 sentence2 label1 gold_label",
-             "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-             "sentence2_parse sentence1 sentence2"),
-    "QNLI": ("qnli", "question", "sentence", "index question sentence label", "index question sentence"),
-    "RTE": ("rte", "sentence1", "sentence2", "index sentence1 sentence2 label", "index sentence1 sentence2"),
-    "WNLI": ("wnli", "sentence1", "sentence2", "index sentence1 sentence2 label", "index sentence1 sentence2"),
+    "MNLI": ("mnli", "premise", "hypothesis",
+             "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse "
+             "sentence1_parse sentence2_parse sentence1 sentence2 label1 gold_label",
+             "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse "
+             "sentence1_parse sentence2_parse sentence1 sentence2"),
+    "QNLI": ("qnli", "question", "sentence", "index question sentence label",
+             "index question sentence"),
+    "RTE": ("rte", "sentence1", "sentence2", "index sentence1 sentence2 label",
+            "index sentence1 sentence2"),
+    "WNLI": ("wnli", "sentence1", "sentence2", "index sentence1 sentence2 label",
+             "index sentence1 sentence2"),
 }
 HUB_SPLITS = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
-              "validation_mismatched": "dev_mismatched", "test": "test", "test_matched": "test_matched",
-              "test_mismatched": "test_mismatched"}
+              "validation_mismatched": "dev_mismatched", "test": "test",
+              "test_matched": "test_matched", "test_mismatched": "test_mismatched"}
 
 def one_line(text):
-    """A text as a TSV field: a tab or line break would end the field or the row; nothing else changes."""
+    """A text as a TSV field: a tab or line break would end the field or the row; nothing else
+    changes."""
     return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 def hub_to_tsv(task_name, split, records, label_names):
-    """Lines of the published TSV file (header first) for one hub split: records [{field: value}] with
-    the hub's integer labels (label_names: its class names; test splits: -1) or STS-B's float scores."""
-    task, (_, field_a, field_b, columns, test_columns) = get_task(task_name), HUB_TASKS[task_name]
+    """Lines of the published TSV file (header first) for one hub split: records [{field: value}]
+    with the hub's integer labels (label_names: its class names; test splits: -1) or STS-B's float
+    scores."""
+    task = get_task(task_name)
+    _, field_a, field_b, columns, test_columns = HUB_TASKS[task_name]
     test = split.startswith("test")
     if test:
         columns = test_columns
@@ -261,18 +301,21 @@ def hub_to_tsv(task_name, split, records, label_names):
     lines = ["\t".join(header)] if columns else []
     for r in records:
         label = None if test else label_text(task, r["label"], label_names)
-        cola = {0: "glue", 2: "" if label == "1" else "*"}  # CoLA's source and mark (* when unacceptable)
-        row = dict.fromkeys(header, "") | ({} if columns else cola)
-        for column, value in [(column_a, r[field_a]), (task.b, r.get(field_b)), ("index", r["idx"]),
-                              ("id", r["idx"]), (task.label, label), ("label1", label)]:
+        row = dict.fromkeys(header, "")
+        if not columns:  # CoLA's source and mark (* when unacceptable)
+            row |= {0: "glue", 2: "" if label == "1" else "*"}
+        values = {column_a: r[field_a], task.b: r.get(field_b), "index": r["idx"], "id": r["idx"],
+                  task.label: label, "label1": label}
+        for column, value in values.items():
             if column in row and value is not None:
                 row[column] = one_line(value)
         lines.append("\t".join(row.values()))
     return lines
 
 def label_text(task, label, label_names):
-    """A hub label as the published files write it: MNLI, QNLI and RTE name their classes, the others
-    write 0/1 (in the hub's own order, which is ours), STS-B its score as the hub holds it."""
+    """A hub label as the published files write it: MNLI, QNLI and RTE name their classes, the
+    others write 0/1 (in the hub's own order, which is ours), STS-B its score as the hub holds
+    it."""
     if task.labels is None:
         return repr(float(label))  # every digit: float() reads back the very same number
     if label_names and label_names[label] in task.labels:
@@ -280,22 +323,24 @@ def label_text(task, label, label_names):
     return str(label)
 
 def download(tasks, data_dir, load_dataset=None):
-    """Write each task's splits (train, dev and test) from the hub's GLUE copy in the layout load_task
-    reads. A task's folder appears whole or not at all: it is written beside, then renamed."""
+    """Write each task's splits (train, dev and test) from the hub's GLUE copy in the layout
+    load_task reads. A task's folder appears whole or not at all: written beside, then renamed."""
     if load_dataset is None:
         try:
             from datasets import load_dataset
         except ImportError:
-            raise DataError("downloading GLUE needs the datasets package: pip install datasets") from None
+            raise DataError("downloading GLUE needs the datasets package: "
+                            "pip install datasets") from None
     for name in tasks:
         get_task(name)
         folder = os.path.join(data_dir, name)
         try:
             hub = load_dataset(HUB, HUB_TASKS[name][0])
         except Exception as e:  # offline, or the hub unreachable
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"could not download {name} from the hub's GLUE copy ({HUB}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}): check the "
-                            f"connection, or put the GLUE files in {folder}") from None
+                            f"{reason}): check the connection, or put the GLUE files in "
+                            f"{folder}") from None
         part = folder + ".download"
         os.makedirs(part, exist_ok=True)
         for split in [s for s in HUB_SPLITS if s in hub]:
@@ -303,7 +348,8 @@ def download(tasks, data_dir, load_dataset=None):
             lines = hub_to_tsv(name, HUB_SPLITS[split], hub[split], names)
             path = os.path.join(part, HUB_SPLITS[split] + ".tsv")
             write_atomic(path, lambda f: f.write("".join(line + "\n" for line in lines)))
-            print(f"wrote {os.path.join(folder, HUB_SPLITS[split])}.tsv: {len(hub[split])} examples")
+            shown = os.path.join(folder, HUB_SPLITS[split] + ".tsv")
+            print(f"wrote {shown}: {len(hub[split])} examples")
         if not os.path.isdir(folder):
             os.replace(part, folder)  # the folder appears whole
             continue
@@ -312,7 +358,8 @@ def download(tasks, data_dir, load_dataset=None):
         os.rmdir(part)
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Write GLUE tasks from the hub's copy in the standard TSV layout.")
+    p = argparse.ArgumentParser(
+        description="Write GLUE tasks from the hub's copy in the standard TSV layout.")
     p.add_argument("--download", nargs="+", required=True, metavar="TASK", help=", ".join(TASKS))
     p.add_argument("--data_dir", default="glue_data")
     a = p.parse_args()

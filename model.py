@@ -3,9 +3,10 @@
 Paper: the student is a small BERT that learns, at every step, from ONE teacher's soft targets mixed
 with the hard labels (Hinton et al.'s KD loss). Here:
 
-    student   any checkpoint AutoModelForSequenceClassification loads, cut to its BOTTOM layers: the
-              best simple strategy in Sajjad et al., "On the effect of dropping layers of pre-trained
-              transformer models" (the top layers are the most task-specific; fine-tuning re-learns them).
+    student   any checkpoint AutoModelForSequenceClassification loads, cut to its BOTTOM layers:
+              the best simple strategy in Sajjad et al., "On the effect of dropping layers of
+              pre-trained transformer models" (the top layers are the most task-specific;
+              fine-tuning re-learns them).
     loss      (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
               x_T = softmax(logits / T); T^2 keeps the soft gradients' scale independent of T.
               STS-B (one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
@@ -25,16 +26,18 @@ transformers.logging.set_verbosity_error()  # the dropped layers and the new hea
 transformers.logging.disable_progress_bar()
 
 def build_student(name_or_dir, labels, num_layers=None, task=None):
-    """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) and a new head for
-    labels (the task's label names in output order; None: regression, one output). The config records
-    the task and the base checkpoint, so a fine-tuned student can serve as a teacher."""
+    """(model, tokenizer): the checkpoint's bottom num_layers layers (all when None) and a new head
+    for labels (the task's label names in output order; None: regression, one output). The config
+    records the task and the base checkpoint, so a fine-tuned student can serve as a teacher."""
     names = labels or ["score"]
+    layers = layers_to_keep(name_or_dir, num_layers)  # the layers above are not even loaded
     model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_dir, num_hidden_layers=layers_to_keep(name_or_dir, num_layers),  # the layers above: not loaded
-        num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={l: i for i, l in enumerate(names)}, ignore_mismatched_sizes=True)
+        name_or_dir, num_hidden_layers=layers, num_labels=len(names),
+        id2label=dict(enumerate(names)), label2id={l: i for i, l in enumerate(names)},
+        ignore_mismatched_sizes=True)
     model.config.glue_task = task
-    model.config.base_model = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
+    is_folder = os.path.isdir(name_or_dir)
+    model.config.base_model = os.path.abspath(name_or_dir) if is_folder else name_or_dir
     return model, AutoTokenizer.from_pretrained(name_or_dir)
 
 def layers_to_keep(name_or_dir, num_layers=None):
@@ -42,17 +45,19 @@ def layers_to_keep(name_or_dir, num_layers=None):
     try:
         have = AutoConfig.from_pretrained(name_or_dir).num_hidden_layers
     except OSError as e:
-        raise ValueError(f"--student {name_or_dir} is neither a checkpoint folder nor a model this machine "
-                         f"can load from the hub ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--student {name_or_dir} is neither a checkpoint folder nor a model this "
+                         f"machine can load from the hub ({str(e).splitlines()[0]})") from None
     if not 1 <= (num_layers or have) <= have:
-        raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers (choose 1 to {have})")
+        raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers "
+                         f"(choose 1 to {have})")
     if os.path.isdir(name_or_dir):
         check_weights(name_or_dir)
     return num_layers or have
 
 def check_weights(folder):
-    """Stop with one sentence when a checkpoint folder's weights file is damaged (an interrupted copy,
-    a full disk): the safetensors header must cover the file, a .bin zip must have its directory."""
+    """Stop with one sentence when a checkpoint folder's weights file is damaged (an interrupted
+    copy, a full disk): the safetensors header must cover the file, a .bin zip must have its
+    directory."""
     for f in sorted(os.listdir(folder)):
         try:
             if f.endswith(".safetensors"):
@@ -60,18 +65,21 @@ def check_weights(folder):
             elif f.endswith(".bin"):
                 zipfile.ZipFile(os.path.join(folder, f)).close()
         except Exception as e:
-            raise ValueError(f"{os.path.join(folder, f)} is damaged ({str(e).splitlines()[0]}): copy or make "
-                             f"the checkpoint again") from None
+            raise ValueError(f"{os.path.join(folder, f)} is damaged ({str(e).splitlines()[0]}): "
+                             f"copy or make the checkpoint again") from None
 
 def soft_targets(teacher_logits, T):
-    """Teacher outputs [..., C] -> the distribution softmax(logits / T); regression [..., 1] unchanged."""
-    return teacher_logits if teacher_logits.shape[-1] == 1 else torch.softmax(teacher_logits / T, -1)
+    """Teacher outputs [..., C] -> the distribution softmax(logits / T); regression [..., 1]
+    unchanged."""
+    if teacher_logits.shape[-1] == 1:
+        return teacher_logits
+    return torch.softmax(teacher_logits / T, -1)
 
 def kd_loss(student_logits, labels, targets=None, T=1.0, alpha=0.5, labelled=None):
-    """Distillation loss of a batch: student_logits [B, C] (regression: [B, 1]); labels [B]; targets:
-    the teacher's soft_targets() [B, C] (regression: its prediction [B, 1]), or None (labels alone).
-    labelled [B] bool, or None for all: an example of the transfer set has no label, and its loss is
-    the soft part alone."""
+    """Distillation loss of a batch: student_logits [B, C] (regression: [B, 1]); labels [B];
+    targets: the teacher's soft_targets() [B, C] (regression: its prediction [B, 1]), or None (the
+    labels alone). labelled [B] bool, or None for all: an example of the transfer set has no label,
+    and its loss is the soft part alone."""
     regression = student_logits.shape[-1] == 1
     if targets is None or alpha == 0:  # (the transfer set comes with a teacher only)
         if regression:

@@ -11,13 +11,13 @@ with REINFORCE: for reward r of a step taken with teacher k, d log p_k / d theta
 
     theta_k <- theta_k + lr * A * (1 - p_k),       A = (r_k - b) / s
 
-where b is the baseline and s a moving root-mean-square of (r_k - b). When every teacher j is scored
-on the step's own batch (distill.py's lookahead reward), b = sum_j p_j r_j, the reward expected under
-p on that batch: what the batch adds to every teacher cancels. When only the drawn teacher is
-measured, b is a moving average of past rewards. The full REINFORCE gradient would also move every
-other theta_j by -lr * A * p_j; the single-weight strategy drops those terms. Dividing by s (our
-variant; normalize=False turns it off) frees lr from the reward's units, which shrink as the student
-learns. With warmup=W, the first W rewards only set b and s.
+where b is the baseline and s a moving root-mean-square of (r_k - b). When every teacher j is
+scored on the step's own batch (distill.py's lookahead reward), b = sum_j p_j r_j, the reward
+expected under p on that batch: what the batch adds to every teacher cancels. When only the
+drawn teacher is measured, b is a moving average of past rewards. The full REINFORCE gradient
+would also move every other theta_j by -lr * A * p_j; the single-weight strategy drops those
+terms. Dividing by s (our variant; normalize=False turns it off) frees lr from the reward's units,
+which shrink as the student learns. With warmup=W, the first W rewards only set b and s.
 
 Selection rule (select_teachers): keep the `keep` teachers with the highest mean phase-1 advantage,
 not the highest p. With single-weight updates theta_k moves only when k is drawn, so among the
@@ -43,15 +43,21 @@ def check_keep(keep, n):
 
 class TeacherSampler:
     def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0, warmup=0):
-        self.names, self.warmup = list(names), warmup  # the first `warmup` rewards only feed b and s
+        self.names = list(names)
+        self.warmup = warmup  # the first `warmup` rewards only feed b and s
         self.theta = torch.zeros(len(names), dtype=torch.float64)  # [K] logits of p
-        self.active = [True] * len(names)                           # False once discarded
-        self.lr, self.momentum, self.normalize = lr, momentum, normalize
-        self.baseline, self.var, self.steps = 0.0, 0.0, 0
+        self.active = [True] * len(names)  # False once discarded
+        self.lr = lr
+        self.momentum = momentum  # of the moving baseline b and the moving mean square s^2
+        self.normalize = normalize
+        self.baseline = 0.0  # b, when only the drawn teacher is measured
+        self.var = 0.0  # s^2
+        self.steps = 0
         self.generator = torch.Generator().manual_seed(seed)
-        self.trace, self.rewards = [], []  # p after every update [steps][K]; (k, reward) of every update
+        self.trace = []  # p after every update [steps][K]
+        self.rewards = []  # [k, reward] of every update
         self.advantages = []  # r_j - b of every update [steps][K]; None for a teacher not measured
-        self.phase1_steps = None            # updates before the first teacher selection
+        self.phase1_steps = None  # updates before the first teacher selection
 
     def probs(self):
         """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
@@ -93,7 +99,8 @@ class TeacherSampler:
         check_keep(keep, sum(self.active))
         if self.phase1_steps is None:
             self.phase1_steps = self.steps
-        evidence, p = self.evidence(), self.probs().tolist()
+        evidence = self.evidence()
+        p = self.probs().tolist()
         score = [e["advantage"] if e["n"] else -math.inf for e in evidence]  # no evidence: last
         active = [i for i in range(len(self.names)) if self.active[i]]
         ranked = sorted(active, key=lambda i: (score[i], p[i]), reverse=True)
@@ -101,12 +108,14 @@ class TeacherSampler:
         return self.record()["discarded"]
 
     def evidence(self):
-        """What phase-1 measured of each teacher, a list of K dicts: n (the steps that measured it),
-        its mean reward with the standard error, and its mean advantage r - b (None when unmeasured)."""
+        """What phase-1 measured of each teacher, a list of K dicts: n (the steps that measured
+        it), its mean reward with the standard error, and its mean advantage r - b (None when
+        unmeasured)."""
         n1 = self.steps if self.phase1_steps is None else self.phase1_steps
         out = []
         for j in range(len(self.names)):
-            rewards, advantages = [], []
+            rewards = []
+            advantages = []
             for (_, r), a in zip(self.rewards[:n1], self.advantages[:n1]):
                 if a[j] is not None:  # j was measured at this step
                     rewards.append(r[j] if isinstance(r, list) else r)
@@ -120,20 +129,22 @@ class TeacherSampler:
         return out
 
     def record(self):
-        """What distribution.json shows of the learning: p after every step of phase-1 and of phase-2,
-        [teacher drawn, reward] of every step, each teacher's phase-1 evidence and p at selection,
-        and the teachers selection discarded."""
+        """What distribution.json shows of the learning: p after every step of phase-1 and of
+        phase-2, [teacher drawn, reward] of every step, each teacher's phase-1 evidence and p at
+        selection, and the teachers selection discarded."""
         n1 = self.steps if self.phase1_steps is None else self.phase1_steps
         p1 = self.trace[n1 - 1] if n1 else [1 / len(self.names)] * len(self.names)
-        selection = [{"teacher": name, "p": p, "kept": on} | e
-                     for name, p, on, e in zip(self.names, p1, self.active, self.evidence())]
+        teachers = zip(self.names, p1, self.active, self.evidence())
+        selection = [{"teacher": name, "p": p, "kept": on} | e for name, p, on, e in teachers]
+        discarded = [name for name, on in zip(self.names, self.active) if not on]
         return {"phase1": self.trace[:n1], "phase2": self.trace[n1:], "rewards": self.rewards,
-                "selection": selection, "discarded": [n for n, on in zip(self.names, self.active) if not on]}
+                "selection": selection, "discarded": discarded}
 
     # ------------------------------------------------------------------ plain data (for resume.pt)
     def state_dict(self):
         state = {k: v for k, v in vars(self).items() if k not in ("theta", "generator")}
-        return state | {"theta": self.theta.tolist(), "generator": self.generator.get_state().tolist()}
+        tensors = {"theta": self.theta.tolist(), "generator": self.generator.get_state().tolist()}
+        return state | tensors
 
     def load_state_dict(self, state):
         vars(self).update({k: v for k, v in state.items() if k not in ("theta", "generator")})

@@ -23,6 +23,7 @@ from model import check_weights
 
 transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
+CHECKPOINT_FILES = (".json", ".safetensors", ".bin", ".txt", ".model")  # what a checkpoint is
 FAR_BETTER = 0.25  # training accuracy another order of a teacher's outputs must add to be warned of
 
 class TeamError(ValueError):
@@ -31,7 +32,7 @@ class TeamError(ValueError):
 @dataclass
 class Teacher:
     name: str
-    train: torch.Tensor  # [N + M, C] logits on train, then the transfer set if any (regression: C = 1)
+    train: torch.Tensor  # [N + M, C] logits on train, then on the transfer set (regression: C = 1)
     dev_metrics: dict    # {dev split: {metric: value}}
 
 @dataclass
@@ -76,9 +77,10 @@ def local_folder(name):
         return name
     from huggingface_hub import snapshot_download  # comes with transformers; only for hub names
     try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
+        return snapshot_download(name, allow_patterns=["*" + ext for ext in CHECKPOINT_FILES])
     except Exception as e:
-        raise TeamError(f"teacher {name} is neither a local folder nor a model on the hub ({e})") from None
+        raise TeamError(f"teacher {name} is neither a local folder nor a model on the hub "
+                        f"({e})") from None
 
 def check_teacher(name, folder, task_name):
     """Refuse a teacher fine-tuned for another task, or with other labels or another label order."""
@@ -88,10 +90,11 @@ def check_teacher(name, folder, task_name):
     if trained_on and trained_on != task_name:
         raise TeamError(f"teacher {name} was fine-tuned on {trained_on}, not {task_name}")
     if config.num_labels != len(ours):
-        raise TeamError(f"teacher {name} has {config.num_labels} outputs; {task_name} needs {len(ours)}")
+        raise TeamError(f"teacher {name} has {config.num_labels} outputs; "
+                        f"{task_name} needs {len(ours)}")
     check_weights(folder)
     theirs = [str(config.id2label[i]).lower() for i in range(len(ours))]
-    # Names like LABEL_0 or NEGATIVE say nothing about our order; the same names in another order do.
+    # Names like LABEL_0 or NEGATIVE say nothing of our order; the same names in another order do.
     if sorted(theirs) == sorted(ours) and theirs != ours:
         raise TeamError(f"teacher {name} orders its labels {theirs}; {task_name} needs {ours}")
 
@@ -101,7 +104,7 @@ def fingerprint(folder, task_name, data, max_len):
     h = hashlib.sha256(f"v{CACHE_VERSION} {task_name} {max_len}".encode())
     files = [examples.source for examples in data.values()]
     files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-              if f.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))]
+              if f.endswith(CHECKPOINT_FILES)]
     for path in files:
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
@@ -111,12 +114,13 @@ def fingerprint(folder, task_name, data, max_len):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=None):
-    """Model outputs for examples in their original order, [N, C] float32. Under torch.distributed each
-    rank runs every world-th batch and the sum over ranks fills in the rest."""
+    """Model outputs for examples in their original order, [N, C] float32. Under torch.distributed
+    each rank runs every world-th batch and the sum over ranks fills in the rest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     enc = glue_data.encode(tokenizer, examples, max_len)
     out = torch.zeros(len(examples), model.config.num_labels, device=device)
-    todo = glue_data.batches(glue_data.lengths(enc), batch_size)[rank::world]  # by length: little padding
+    by_length = glue_data.batches(glue_data.lengths(enc), batch_size)  # little padding
+    todo = by_length[rank::world]
     for idx in tqdm(todo, desc, disable=desc is None, mininterval=1):
         batch = {k: v.to(device) for k, v in glue_data.collate(tokenizer, enc, idx).items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -129,7 +133,10 @@ def teacher_outputs(folder, name, data, max_len, device):
     """{split: logits} for every split of data, running the teacher once."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
-    outputs = {s: predict(model, tokenizer, ex, max_len, device, desc=f"teacher {name} {s}") for s, ex in data.items()}
+    outputs = {}
+    for split, examples in data.items():
+        desc = f"teacher {name} {split}"
+        outputs[split] = predict(model, tokenizer, examples, max_len, device, desc=desc)
     del model
     gc.collect()  # one teacher in memory at a time (on GPU its freed blocks serve the next teacher)
     return outputs
@@ -144,22 +151,30 @@ def load_team(names, task_name, data, max_len, cache_dir, device):
         check_teacher(name, folder, task_name)
     team = []
     for name, folder in zip(names, folders):
-        key = fingerprint(folder, task_name, data, max_len)
-        short = os.path.basename(os.path.normpath(name)).replace("/", "_")
-        path = os.path.join(cache_dir, task_name, f"{short}-{key[:16]}.pt")
-        outputs = read_cache(path, key, data)
-        if outputs is None:
-            outputs = teacher_outputs(folder, name, data, max_len, device)
-            if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 writes
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                glue_data.write_atomic(path, lambda f: torch.save({"key": key, "outputs": outputs}, f), binary=True)
+        outputs = cached_outputs(name, folder, task_name, data, max_len, cache_dir, device)
         dev = [s for s in outputs if s not in ("train", "transfer")]
         metrics = {s: glue_data.compute_metrics(task_name, outputs[s], data[s].labels) for s in dev}
         check_label_order(name, task_name, outputs["train"], data["train"].labels)
-        train = torch.cat([outputs["train"], outputs.get("transfer", outputs["train"][:0])])  # [N + M, C]
+        transfer = outputs.get("transfer", outputs["train"][:0])
+        train = torch.cat([outputs["train"], transfer])  # [N + M, C]
         team.append(Teacher(name, train, metrics))
         print(f"teacher {name}: {glue_data.show(metrics)}")
     return team
+
+def cached_outputs(name, folder, task_name, data, max_len, cache_dir, device):
+    """{split: logits} of one teacher, from the cache, or computed and cached (rank 0 writes)."""
+    key = fingerprint(folder, task_name, data, max_len)
+    short = os.path.basename(os.path.normpath(name)).replace("/", "_")
+    path = os.path.join(cache_dir, task_name, f"{short}-{key[:16]}.pt")
+    outputs = read_cache(path, key, data)
+    if outputs is not None:
+        return outputs
+    outputs = teacher_outputs(folder, name, data, max_len, device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        saved = {"key": key, "outputs": outputs}
+        glue_data.write_atomic(path, lambda f: torch.save(saved, f), binary=True)
+    return outputs
 
 def check_label_order(name, task_name, logits, labels):
     """A warning when a teacher's training outputs fit the labels far better read in another order
@@ -176,9 +191,9 @@ def check_label_order(name, task_name, logits, labels):
         fits.append((accuracy, read_as))
     best, read_as = max(fits)
     if best >= own + FAR_BETTER:
-        print(f"warning: teacher {name} fits the training labels far better with its outputs read as "
-              f"{read_as} (training accuracy {best:.3f}) than in its own order {names} ({own:.3f}); "
-              f"it is used as it is")
+        print(f"warning: teacher {name} fits the training labels far better with its outputs "
+              f"read as {read_as} (training accuracy {best:.3f}) than in its own order {names} "
+              f"({own:.3f}); it is used as it is")
 
 
 def read_cache(path, key, data):
@@ -187,8 +202,10 @@ def read_cache(path, key, data):
         return None
     try:
         saved = torch.load(path, weights_only=True)
-        if saved["key"] == key and all(len(saved["outputs"][s]) == len(ex) for s, ex in data.items()):
-            return saved["outputs"]
+        outputs = saved["outputs"]
+        sizes_match = all(len(outputs[s]) == len(examples) for s, examples in data.items())
+        if saved["key"] == key and sizes_match:
+            return outputs
     except Exception:  # truncated or corrupt: recompute rather than trust it
         pass
     print(f"note: cache {path} is stale or damaged; recomputing")
