@@ -23,6 +23,7 @@ test-file format), as BERT students are distilled in practice; --base_teacher ad
 teacher to the team, and the rows gain SKDBERT's fixed distributions (skd teacher-rank and
 student-rank) and the best teacher without the transfer set. --pilot runs `none` and `single` per
 helpful teacher with a 2- and a 4-layer student first, to pick the size where they separate most.
+The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md.
 
     python bench.py --selection --task MRPC --base_model <hub name or folder>
 
@@ -336,11 +337,17 @@ def report(a, work, runs, autos, scores, seconds, run_s):
               "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
               "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
-    write_text(os.path.join(a.out, f"{a.task}.json"), portable(json.dumps(result, indent=1)))
+    name = a.task + ("-transfer" if a.transfer else "")  # the setting's own tables, beside the others
+    write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
 
     pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
     cols = list(next(iter(table.values())))
-    lines = [f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    labelled = f"{a.train_limit} labelled training examples" if a.train_limit else "all of train"
+    transfer = f", a transfer set of {a.transfer} unlabelled ones" if a.transfer else ""
+    setting = (f"{a.task}: {labelled}{transfer}; a {a.student_layers}-layer student of "
+               f"{portable(a.base_model)}, {a.epochs} epochs; seeds {', '.join(map(str, a.seeds))}; "
+               f"dev scores (%), mean ± sd over seeds.")
+    lines = [setting, "", f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {row} | {' | '.join(pm(v) for v in r.values())} |" for row, r in table.items()]
     none = statistics.mean(score("none"))
     lines += ["", "| teacher | layers | trained on | its own dev score | student distilled from it alone | against `none` |",
@@ -372,9 +379,9 @@ def report(a, work, runs, autos, scores, seconds, run_s):
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
               f"counts its own time)."]
-    write_text(os.path.join(a.out, f"{a.task}.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(a.out, f"{name}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(learned["auto"]["dists"], os.path.join(a.out, f"{a.task}_distribution.png"), a.task)
+    plot(learned["auto"]["dists"], os.path.join(a.out, f"{name}_distribution.png"), a.task)
 
 
 def learned_stats(dists, names, truth, helpful, harmful):

@@ -1309,7 +1309,8 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
                 "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
                 "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out,
                 "--variant", "slr1", "--sampler_lr 1"] + extra)
-    result = json.load(open(os.path.join(out, "MRPC.json")))
+    result = json.load(open(os.path.join(out, "MRPC-transfer.json")))
+    assert not os.path.exists(os.path.join(out, "MRPC.json"))  # the labelled-only tables stay apart
     singles = {f"single ({n})" for n in ["base", *bench.TEAM]}
     best = max(result["teacher_scores"], key=result["teacher_scores"].get)
     assert set(result["runs"]) == {"none", "ensemble", "uniform", "auto", "auto (slr1)", "skd (teacher-rank)",
@@ -1340,7 +1341,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     import unittest.mock
     with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.TEAM.items())))):
         bench.main(argv)
-    again = json.load(open(os.path.join(out, "MRPC.json")))
+    again = json.load(open(os.path.join(out, "MRPC-transfer.json")))
     for row in ("auto", "auto (slr1)"):
         first, second = result["learned"][row], again["learned"][row]
         at = [list(again["ground_truth"]).index(n) for n in result["ground_truth"]]  # (teacher order)
@@ -1356,9 +1357,9 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     x = {"input_ids": torch.tensor([[2, 7, 12, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
         assert torch.allclose(teacher("L6-contra")(**x).logits, teacher("L6-s1")(**x).logits.flip(-1))
-    table = open(os.path.join(out, "MRPC.md")).read()
+    table = open(os.path.join(out, "MRPC-transfer.md")).read()
     assert "| auto |" in table and "| auto (slr1) | " in table
-    assert os.path.getsize(os.path.join(out, "MRPC_distribution.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "MRPC-transfer_distribution.png")) > 1000
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
     assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
