@@ -51,6 +51,7 @@ import resource
 import shlex
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -163,7 +164,17 @@ def run(argv):
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             distill.main(args)
     with open(path) as f:
-        return json.load(f)
+        metrics = json.load(f)
+    wanted = json.loads(json.dumps(vars(args)))  # (as metrics.json holds them: tuples as lists)
+    had = metrics["args"]
+    for flags in (wanted, had):
+        flags["teachers"] = sorted(flags.get("teachers") or [])  # the order named decides nothing
+    free = ("resume", "save_every")  # flags that change nothing of the result
+    other = [k for k, v in wanted.items() if k not in free and had.get(k) != v]
+    if other:
+        raise ValueError(f"{args.out_dir} holds a run made with other flags (--{', --'.join(other)}): "
+                         f"bench into another --out, or delete it")
+    return metrics
 
 
 def run_all(jobs, argvs, t0):
@@ -684,4 +695,7 @@ def cpu_name():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input, a run that cannot be reused: one line
+        sys.exit(f"error: {e}")

@@ -1431,6 +1431,9 @@ def test_bench_resumes_a_killed_run(workdir, monkeypatch):
     monkeypatch.setattr(kd, "kd_loss", real)
     assert bench.run(argv)["strategy"] == "ensemble"
     assert "resuming final at epoch 1, batch 2" in open(os.path.join(workdir, "runs/bench-kill/run.log")).read()
+    assert bench.run(argv + ["--save_every", "5"])["strategy"] == "ensemble"  # reused as it is
+    with pytest.raises(ValueError, match=r"runs/bench-kill holds a run made with other flags \(--alpha\)"):
+        bench.run(argv + ["--alpha", "0.25"])  # not reused: it would answer another question
 
 
 def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
