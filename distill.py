@@ -187,10 +187,10 @@ def autoskd(loop, base, soft, sampler, keep):
     n = loop.n_labelled  # train's examples; those of the transfer set follow them
     everything = torch.arange(len(loop.labels))  # [N + M]
     if a.strategy == "auto":
-        split = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
+        shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
         n_held = max(1, int(a.heldout * n))
-        heldout = split[:n_held]  # the reward's examples, never trained on in phases 1-2
-        train_idx = torch.cat([split[n_held:], everything[n:]])
+        heldout = shuffled[:n_held]  # the reward's examples, never trained on in phases 1-2
+        train_idx = torch.cat([shuffled[n_held:], everything[n:]])  # the rest, then transfer
         reward = Reward(loop, heldout, soft)
         epochs = a.phase1_epochs + a.phase2_epochs
         student, opt, sched = loop.new_student(base, epochs, len(train_idx))
@@ -198,8 +198,8 @@ def autoskd(loop, base, soft, sampler, keep):
         sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
         show_selection(sampler)
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
+    # The final student: p frozen, no reward.
     student, opt, sched = loop.new_student(base, a.epochs, len(everything))
-    # p frozen: no reward
     loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)
     return student
 
