@@ -35,7 +35,8 @@ results/<TASK>-selection.md: each teacher's phase-1 evidence, its p, and what se
 
 measures instead what distillation costs next to plain fine-tuning of the same student on the same
 batches (step times, also on batches mixed with a transfer set, whole runs, peak memory with 2 and
-8 teachers, the cache fill) and writes results/speed-<device>.json and .md. Every run is a fresh process with one CPU thread (or one GPU).
+8 teachers, the cache fill) and writes results/speed-<device>.json and .md. Every run is a fresh
+process with one CPU thread (or one GPU).
 On CPU, times are the process's CPU time: a virtual machine's host may steal a varying share of the
 CPU, which wall time counts and CPU time does not. On GPU, wall time.
 """
@@ -172,7 +173,8 @@ def run(argv):
     free = ("resume", "save_every")  # flags that change nothing of the result
     other = [k for k, v in wanted.items() if k not in free and had.get(k) != v]
     if other:
-        raise ValueError(f"{args.out_dir} holds a run made with other flags (--{', --'.join(other)}): "
+        flags = ", --".join(other)
+        raise ValueError(f"{args.out_dir} holds a run made with other flags (--{flags}): "
                          f"bench into another --out, or delete it")
     return metrics
 
@@ -201,7 +203,7 @@ def main(argv=None):
     if a.speed:
         return speed(a)
     global TEAM
-    if a.base_teacher:  # the team gains the base-size teacher, all its layers; first, as the longest
+    if a.base_teacher:  # the team gains the base-size teacher, all its layers (first: the longest)
         TEAM = {"base": (None, 1, "labels")} | TEAM
     work, data_dir, dirs, team, scores = make_team(a, t0)
     if a.selection:
@@ -348,15 +350,16 @@ def report(a, work, runs, autos, scores, seconds, run_s):
               "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
               "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
-    name = a.task + ("-transfer" if a.transfer else "")  # the setting's own tables, beside the others
+    name = a.task + ("-transfer" if a.transfer else "")  # the setting's tables, beside the others
     write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
 
     pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
     cols = list(next(iter(table.values())))
     labelled = f"{a.train_limit} labelled training examples" if a.train_limit else "all of train"
     transfer = f", a transfer set of {a.transfer} unlabelled ones" if a.transfer else ""
+    seeds = ", ".join(map(str, a.seeds))
     setting = (f"{a.task}: {labelled}{transfer}; a {a.student_layers}-layer student of "
-               f"{portable(a.base_model)}, {a.epochs} epochs; seeds {', '.join(map(str, a.seeds))}; "
+               f"{portable(a.base_model)}, {a.epochs} epochs; seeds {seeds}; "
                f"dev scores (%), mean ± sd over seeds.")
     lines = [setting, "", f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {row} | {' | '.join(pm(v) for v in r.values())} |" for row, r in table.items()]
@@ -612,7 +615,7 @@ def speed(a):
     work, t0 = os.path.join(a.out, "speed"), time.time()
     data_dir = os.path.join(work, "data")
     rewrite_train(a.data_dir, data_dir, a.task, a.train_limit or 2000, False, 0)
-    # as many unlabelled examples again, for the final step on a mixed batch (soft loss alone on them)
+    # as many unlabelled examples again, for a final step on mixed batches (the soft loss alone)
     transfer = os.path.join(work, "transfer", a.task + ".tsv")
     write_transfer(a.data_dir, transfer, a.task, a.train_limit or 2000, a.train_limit or 2000)
     data, labels = glue_data.load_task(data_dir, a.task), glue_data.get_task(a.task).labels
@@ -638,7 +641,8 @@ def speed(a):
         "fine-tune": ["--strategy", "none"], "single": ["--strategy", "single", "--teachers", dirs[0]],
         "uniform, 2 teachers": ["--strategy", "uniform", "--teachers"] + dirs[:2],
         "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
-        "single, transfer set": ["--strategy", "single", "--transfer", transfer, "--teachers", dirs[0]],
+        "single, transfer set": ["--strategy", "single", "--transfer", transfer,
+                                 "--teachers", dirs[0]],
         "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
         "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step", "--teachers"] + dirs,
         "fine-tune again": ["--strategy", "none"]}
