@@ -170,7 +170,7 @@ def run(argv):
     had = metrics["args"]
     for flags in (wanted, had):
         flags["teachers"] = sorted(flags.get("teachers") or [])  # the order named decides nothing
-    free = ("resume", "save_every")  # flags that change nothing of the result
+    free = ("resume", "save_every", "out_dir")  # flags that change nothing of the result
     other = [k for k, v in wanted.items() if k not in free and had.get(k) != v]
     if other:
         flags = ", --".join(other)
