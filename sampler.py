@@ -105,7 +105,10 @@ class TeacherSampler:
         active = [i for i in range(len(self.names)) if self.active[i]]
         ranked = sorted(active, key=lambda i: (score[i], p[i]), reverse=True)
         self.active = [i in ranked[:keep] for i in range(len(self.names))]
-        return self.record()["discarded"]
+        return self.discarded()
+
+    def discarded(self):
+        return [name for name, on in zip(self.names, self.active) if not on]
 
     def evidence(self):
         """What phase-1 measured of each teacher, a list of K dicts: n (the steps that measured
@@ -136,9 +139,8 @@ class TeacherSampler:
         p1 = self.trace[n1 - 1] if n1 else [1 / len(self.names)] * len(self.names)
         teachers = zip(self.names, p1, self.active, self.evidence())
         selection = [{"teacher": name, "p": p, "kept": on} | e for name, p, on, e in teachers]
-        discarded = [name for name, on in zip(self.names, self.active) if not on]
         return {"phase1": self.trace[:n1], "phase2": self.trace[n1:], "rewards": self.rewards,
-                "selection": selection, "discarded": discarded}
+                "selection": selection, "discarded": self.discarded()}
 
     # ------------------------------------------------------------------ plain data (for resume.pt)
     def state_dict(self):
