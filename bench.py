@@ -170,12 +170,11 @@ def run(argv):
     had = metrics["args"]
     for flags in (wanted, had):
         flags["teachers"] = sorted(flags.get("teachers") or [])  # the order named decides nothing
-    free = ("resume", "save_every", "out_dir")  # flags that change nothing of the result
-    other = [k for k, v in wanted.items() if k not in free and had.get(k) != v]
+    # a run moved or linked to another folder is still the same run
+    other = distill.differing_flags(wanted, had, distill.FREE_FLAGS + ("out_dir",))
     if other:
-        flags = ", --".join(other)
-        raise ValueError(f"{args.out_dir} holds a run made with other flags (--{flags}): "
-                         f"bench into another --out, or delete it")
+        raise ValueError(f"{args.out_dir} holds a run made with other flags "
+                         f"(--{', --'.join(other)}): bench into another --out, or delete it")
     return metrics
 
 
@@ -250,7 +249,8 @@ def main(argv=None):
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
     """distill.py's flags for one run of the bench: every run has the same student and budget."""
     argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len),
-            "--cache_dir", os.path.join(work, "cache"), "--data_dir", data_dir, "--strategy", strategy, "--student", a.base_model,
+            "--cache_dir", os.path.join(work, "cache"), "--data_dir", data_dir,
+            "--strategy", strategy, "--student", a.base_model,
             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr),
             "--seed", str(seed), "--out_dir", os.path.join(work, name)]
     if teachers and a.transfer:
@@ -614,10 +614,11 @@ def speed(a):
     """Step times, whole runs and memory of every kind of run, side by side on one machine."""
     work, t0 = os.path.join(a.out, "speed"), time.time()
     data_dir = os.path.join(work, "data")
-    rewrite_train(a.data_dir, data_dir, a.task, a.train_limit or 2000, False, 0)
+    limit = a.train_limit or 2000
+    rewrite_train(a.data_dir, data_dir, a.task, limit, False, 0)
     # as many unlabelled examples again, for a final step on mixed batches (the soft loss alone)
     transfer = os.path.join(work, "transfer", a.task + ".tsv")
-    write_transfer(a.data_dir, transfer, a.task, a.train_limit or 2000, a.train_limit or 2000)
+    write_transfer(a.data_dir, transfer, a.task, limit, limit)
     data, labels = glue_data.load_task(data_dir, a.task), glue_data.get_task(a.task).labels
     # 8 teachers of 4 sizes. Their quality does not matter here, so they are not fine-tuned.
     have = kd.layers_to_keep(a.base_model)

@@ -425,9 +425,7 @@ class Loop:
         except Exception as e:
             raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without "
                              f"--resume to start afresh, or delete it") from None
-        ours = vars(self.args)
-        free = ("resume", "save_every")  # flags a resumed run may change
-        other = [k for k, v in r["args"].items() if k not in free and ours.get(k) != v]
+        other = differing_flags(r["args"], vars(self.args))
         if other:
             raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
                              f"rerun with the same flags, or without --resume")
@@ -454,6 +452,12 @@ class Loop:
         self.resume = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
+
+FREE_FLAGS = ("resume", "save_every")  # flags that change nothing of what a run computes
+
+def differing_flags(these, those, free=FREE_FLAGS):
+    """The flags of `these` ({flag: value}, as vars(args)) whose value `those` does not share."""
+    return [k for k, v in these.items() if k not in free and those.get(k) != v]
 
 # ------------------------------------------------------------------------------- the reward
 class Reward:

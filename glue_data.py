@@ -97,12 +97,16 @@ def read_split(path, task_name, labelled=True):
         raise DataError(f"{path}:1: header has no column {missing[0]!r} "
                         f"(is this the {task_name} file?)")
     kept = complete_rows(rows, len(header), task.skip_short_rows and labelled, path)
-    text_a = [r[header.index(column_a)] for _, r in kept]
-    text_b = [r[header.index(task.b)] for _, r in kept] if task.b else None
+    ia = header.index(column_a)
+    text_a = [r[ia] for _, r in kept]
+    text_b = None
+    if task.b:
+        ib = header.index(task.b)
+        text_b = [r[ib] for _, r in kept]
     labels = [None] * len(kept)
     if labelled:
-        i = header.index(column_label)
-        labels = [parse_label(r[i], task, f"{path}:{n}") for n, r in kept]
+        il = header.index(column_label)
+        labels = [parse_label(r[il], task, f"{path}:{n}") for n, r in kept]
     return Examples(text_a, text_b, labels, path)
 
 def read_rows(path):
