@@ -201,24 +201,23 @@ def main(argv=None):
     a, t0 = parse_args(argv), time.time()
     if a.speed:
         return speed(a)
-    global TEAM
-    if a.base_teacher:  # the team gains the base-size teacher, all its layers (first: the longest)
-        TEAM = {"base": (None, 1, "labels")} | TEAM
-    work, data_dir, dirs, team, scores = make_team(a, t0)
+    members = team_members(a)
+    work, data_dir, dirs, team, scores = make_team(a, members, t0)
     if a.selection:
-        return selection(a, work, data_dir, dirs, t0)
+        return selection(a, members, work, data_dir, dirs, t0)
     if a.pilot:
-        return pilot(a, work, data_dir, dirs, t0)
+        return pilot(a, members, work, data_dir, dirs, t0)
 
     # 2. every strategy and seed, same student and budget. `single` runs once per teacher: what each
     # teacher is worth to this student, distilled alone, is the ranking a learned distribution should find.
-    best = max(TEAM, key=lambda n: scores[n])  # by its own dev score
+    best = max(members, key=lambda n: scores[n])  # by its own dev score
     rows = {"none": ("none", "none", [], [])}  # row: (strategy, out_dir prefix, teachers, extra flags)
-    rows.update({f"single ({n})": ("single", f"single-{n}", [d], []) for n, d in zip(TEAM, dirs)})
+    for n, d in zip(members, dirs):
+        rows[f"single ({n})"] = ("single", f"single-{n}", [d], [])
     rows.update({s: (s, s, dirs, []) for s in ("ensemble", "uniform", "auto")})
     rows["skd (teacher-rank)"] = ("skd", "skd-teacher-rank", dirs, [])
     if a.transfer:  # what the transfer set brings: the best teacher without it
-        best_dir = dirs[list(TEAM).index(best)]
+        best_dir = dirs[list(members).index(best)]
         no_transfer = ["--transfer", ""]  # (empty: none)
         rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [best_dir], no_transfer)
     rows.update({f"auto ({name})": ("auto", f"auto-{name}", dirs, shlex.split(flags)) for name, flags in a.variant})
@@ -230,7 +229,7 @@ def main(argv=None):
     done = run_all(a.jobs, argvs, t0)
     # SKDBERT's student-rank: teachers ranked by what the students distilled from each alone scored
     alone = {}  # teacher folder: the mean score of the students distilled from it alone
-    for n, d in zip(TEAM, dirs):
+    for n, d in zip(members, dirs):
         alone[d] = statistics.mean(glue_data.score(done[f"single ({n})", s]["dev"]) for s in a.seeds)
     weights = distill.teacher_rank([alone[d] for d in sorted(dirs)])  # in the team's sorted order
     flags = ["--weights"] + [str(w) for w in weights]
@@ -242,8 +241,8 @@ def main(argv=None):
     done |= run_all(a.jobs, more, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
     run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
-    report(a, work, runs, {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"},
-           scores, time.time() - t0, run_s)
+    autos = {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"}
+    report(a, members, work, runs, autos, scores, time.time() - t0, run_s)
 
 
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
@@ -258,7 +257,15 @@ def run_argv(a, work, data_dir, strategy, name, teachers, seed):
     return argv + (["--teachers"] + teachers if teachers else [])
 
 
-def make_team(a, t0):
+def team_members(a):
+    """The bench's team, {name: (layers, seed, kind)}: TEAM, after the base-size teacher (all its
+    layers, first: the longest to fine-tune) when --base_teacher names one."""
+    if a.base_teacher:
+        return {"base": (None, 1, "labels")} | TEAM
+    return dict(TEAM)
+
+
+def make_team(a, members, t0):
     """Fine-tune the team with distill.py --strategy none (reused when present), build the contradicting
     teacher and cache every teacher's outputs once, so that parallel runs only read the cache.
 
@@ -272,7 +279,7 @@ def make_team(a, t0):
         transfer = os.path.join(work, "transfer", a.task + ".tsv")
         write_transfer(a.data_dir, transfer, a.task, a.train_limit, a.transfer)
     argvs = {}
-    for name, (layers, seed, kind) in TEAM.items():
+    for name, (layers, seed, kind) in members.items():
         teacher_data = data_dir
         if kind == INEFFECTIVE:
             teacher_data = os.path.join(work, "shuffled")
@@ -289,9 +296,9 @@ def make_team(a, t0):
         if layers is not None:
             argvs[name] += ["--student_layers", str(layers)]
     team = run_all(a.jobs, argvs, t0)
-    dirs = [os.path.join(work, "teachers", n) for n in TEAM]
-    for name, d in zip(TEAM, dirs):
-        if TEAM[name][2] == HARMFUL:
+    dirs = [os.path.join(work, "teachers", n) for n in members]
+    for name, d in zip(members, dirs):
+        if members[name][2] == HARMFUL:
             contradict(os.path.join(work, "teachers", "L6-s1"), d, a.task)
     data = glue_data.load_task(data_dir, a.task)
     cache = os.path.join(work, "cache")
@@ -299,7 +306,8 @@ def make_team(a, t0):
     if a.transfer:  # the outputs on the transfer set too, once, before parallel runs need them
         data["transfer"] = glue_data.read_split(transfer, a.task, labelled=False)
         team_lib.load_team(dirs, a.task, data, a.max_seq_len, cache, DEVICE)
-    return work, data_dir, dirs, team, {n: glue_data.score(t.dev_metrics) for n, t in zip(TEAM, loaded)}
+    scores = {n: glue_data.score(t.dev_metrics) for n, t in zip(members, loaded)}
+    return work, data_dir, dirs, team, scores
 
 
 def contradict(src, dst, task):
@@ -321,13 +329,20 @@ def contradict(src, dst, task):
     os.replace(dst + ".tmp", dst)
 
 
-def report(a, work, runs, autos, scores, seconds, run_s):
+def report(a, members, work, runs, autos, scores, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
-    names, n_seeds = list(TEAM), len(a.seeds)
+    names, n_seeds = list(members), len(a.seeds)
     score = lambda row: [glue_data.score(m["dev"]) for m in runs[row].values()]  # per seed
     truth = {n: statistics.mean(score(f"single ({n})")) for n in names}  # the student's dev score, distilled from n alone
-    helpful = [n for n in names if TEAM[n][2] == "labels"]
-    harmful = [n for n in names if TEAM[n][2] == HARMFUL]
+    helpful = [n for n in names if members[n][2] == "labels"]
+    harmful = [n for n in names if members[n][2] == HARMFUL]
+    ineffective = [n for n in names if members[n][2] == INEFFECTIVE]
+    # do the helpful teachers differ in worth to the student by more than the seeds do?
+    helpful_truth = [truth[n] for n in helpful]
+    spread = {"best_minus_worst": max(helpful_truth) - min(helpful_truth), "seed_sd": None}
+    if n_seeds > 1:
+        variances = [statistics.variance(score(f"single ({n})")) for n in helpful]
+        spread["seed_sd"] = math.sqrt(statistics.mean(variances))
     table = {}
     for row, by_seed in runs.items():
         metrics = sorted({(s, k) for m in by_seed.values() for s, ms in m["dev"].items() for k in ms})
@@ -338,15 +353,16 @@ def report(a, work, runs, autos, scores, seconds, run_s):
         for seed in a.seeds:
             with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
                 dists[seed] = json.load(f)
-        learned[row] = learned_stats(dists, names, truth, helpful, harmful)
+        learned[row] = learned_stats(dists, names, truth, helpful, harmful, ineffective)
         best = f"single ({max(helpful, key=lambda n: truth[n])})"  # the best teacher by the ground truth
         others = ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best)
         bases = [r for r in others if r in runs]
         learned[row]["vs"] = {b: [x - y for x, y in zip(score(row), score(b))] for b in bases}
         learned[row]["dists"] = dists
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
-              "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds, "teacher_scores": scores,
-              "ground_truth": truth, "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
+              "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds,
+              "teacher_scores": scores, "ground_truth": truth, "helpful_spread": spread,
+              "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
               "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
               "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
@@ -366,10 +382,17 @@ def report(a, work, runs, autos, scores, seconds, run_s):
     none = statistics.mean(score("none"))
     lines += ["", "| teacher | layers | trained on | its own dev score | student distilled from it alone | against `none` |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {TEAM[n][0]} | {TEAM[n][2]} | {100 * scores[n]:.1f} | {pm(score(f'single ({n})'))} | "
-              f"{100 * (truth[n] - none):+.1f} |" for n in names]
+    for n in names:
+        layers, _, kind = members[n]
+        alone = pm(score(f"single ({n})"))
+        lines.append(f"| {n} | {layers} | {kind} | {100 * scores[n]:.1f} | {alone} | "
+                     f"{100 * (truth[n] - none):+.1f} |")
+    if spread["seed_sd"] is not None:
+        lines += ["", f"The helpful teachers' students: best minus worst "
+                  f"{100 * spread['best_minus_worst']:.1f} points; seed standard deviation "
+                  f"{100 * spread['seed_sd']:.1f} (pooled over those rows)."]
     lines += ["", f"| run | `auto` minus `uniform` (dev score, per seed: mean ± sd) | `auto` minus `ensemble` | "
-              f"{', '.join(harmful)} discarded | {', '.join(n for n in names if TEAM[n][2] == INEFFECTIVE)} discarded | "
+              f"{', '.join(harmful)} discarded | {', '.join(ineffective)} discarded | "
               "Kendall tau with the ground truth, p after phase-1 / final p, per seed |", "|---|---|---|---|---|---|"]
     for row, s in learned.items():
         taus = ", ".join(f"{x:+.2f} / {y:+.2f}" for x, y in zip(s["tau_phase1"], s["tau_final"]))
@@ -398,7 +421,7 @@ def report(a, work, runs, autos, scores, seconds, run_s):
     plot(learned["auto"]["dists"], os.path.join(a.out, f"{name}_distribution.png"), a.task)
 
 
-def learned_stats(dists, names, truth, helpful, harmful):
+def learned_stats(dists, names, truth, helpful, harmful, ineffective):
     """What an auto row's runs ({seed: distribution.json}) learned, against the ground truth."""
     at = {seed: {os.path.basename(t): i for i, t in enumerate(d["teachers"])} for seed, d in dists.items()}
     p1 = {seed: [d["phase1"][-1][at[seed][n]] for n in names] for seed, d in dists.items()}
@@ -414,7 +437,7 @@ def learned_stats(dists, names, truth, helpful, harmful):
     return {"phase1_p": [statistics.mean(p[i] for p in p1.values()) for i in range(len(names))],
             "tau_phase1": [kendall_tau(gt, p) for p in p1.values()], "tau_final": [kendall_tau(gt, p) for p in final.values()],
             "harmful_discarded": discarded(harmful),
-            "ineffective_discarded": discarded([n for n in names if TEAM[n][2] == INEFFECTIVE]),
+            "ineffective_discarded": discarded(ineffective),
             "reward": pooled, "harmful_z": [min(gap_z(r[h], r[x], paired) for h in helpful for x in harmful)
                                             for r, paired in rewards.values()],
             "seed_tau": statistics.mean(kendall_tau(means[s], means[t]) for s in means for t in means if s < t)
@@ -504,10 +527,10 @@ def plot(dists, path, task):
 
 
 # ------------------------------------------------------------------------------- --pilot
-def pilot(a, work, data_dir, dirs, t0):
+def pilot(a, members, work, data_dir, dirs, t0):
     """`none` and `single` for every helpful teacher, with a 2- and a 4-layer student, seed 0: where
     do the helpful teachers separate most? results/<TASK>-pilot.md."""
-    helpful = [(n, d) for n, d in zip(TEAM, dirs) if TEAM[n][2] == "labels"]
+    helpful = [(n, d) for n, d in zip(members, dirs) if members[n][2] == "labels"]
     argvs = {}
     for layers in (2, 4):
         sized = argparse.Namespace(**(vars(a) | {"student_layers": layers}))
@@ -533,10 +556,10 @@ def pilot(a, work, data_dir, dirs, t0):
 THREE = ("L6-s1", "L3", "L6-contra")  # two helpful teachers of different depths and the harmful one
 
 
-def selection(a, work, data_dir, dirs, t0):
+def selection(a, members, work, data_dir, dirs, t0):
     """AutoSKD on the bench's team (its auto row: same runs, reused) and on the team of three with
     --keep 2 over seeds 0-4; per run, every teacher's phase-1 evidence and what selection did."""
-    at = dict(zip(TEAM, dirs))
+    at = dict(zip(members, dirs))
     argvs = {}
     for seed in a.seeds:
         argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed)
@@ -544,17 +567,17 @@ def selection(a, work, data_dir, dirs, t0):
         argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
                                         [at[n] for n in THREE], seed) + ["--keep", "2"]
     run_all(a.jobs, argvs, t0)
-    columns = " | ".join(f"{n}: reward ± se, p" for n in TEAM)
+    columns = " | ".join(f"{n}: reward ± se, p" for n in members)
     lines = [f"| team | seed | {columns} | harmful below every kept teacher by (standard errors) | "
-             "harmful discarded |", "|---" * (len(TEAM) + 4) + "|"]
+             "harmful discarded |", "|---" * (len(members) + 4) + "|"]
     rows = []
     for (team, seed), argv in argvs.items():
         with open(os.path.join(distill.parse_args(argv).out_dir, "distribution.json")) as f:
             d = json.load(f)
-        row = selection_row(d, team, seed)
+        row = selection_row(d, members, team, seed)
         rows.append(row)
         cells = []
-        for name in TEAM:
+        for name in members:
             t = row["teachers"].get(name)
             if t is None:
                 cells.append("-")
@@ -572,13 +595,13 @@ def selection(a, work, data_dir, dirs, t0):
     print("\n".join(lines))
 
 
-def selection_row(d, team, seed):
+def selection_row(d, members, team, seed):
     """One run's selection: each teacher's evidence by bench name, and the harmful teacher's gap to the
     kept teachers in standard errors of the paired step-by-step difference (the smallest gap)."""
     names = [os.path.basename(t) for t in d["teachers"]]
     evidence = {os.path.basename(t["teacher"]): t for t in d["selection"]}
     rewards, paired = phase1_rewards(d, names)
-    harmful = next(n for n in names if TEAM[n][2] == HARMFUL)
+    harmful = next(n for n in names if members[n][2] == HARMFUL)
     kept = [n for n in names if evidence[n]["kept"] and n != harmful]
     return {"team": team, "seed": seed, "teachers": evidence,
             "harmful_z": min((gap_z(rewards[k], rewards[harmful], paired) for k in kept), default=math.nan),

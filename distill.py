@@ -488,6 +488,7 @@ class Reward:
             raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} "
                              f"processes: raise --probe_size or --heldout")
         self.state = None  # h (lookahead) or the held-out loss (step): what the next reward needs
+        self.values = None  # lookahead: the step's r_j, [K] floats
 
     def probe(self, step):
         """The held-out examples of this step (a batch kept for --probe_every steps)."""
@@ -495,6 +496,8 @@ class Reward:
         return self.heldout[self.probes[n % len(self.probes)]].tolist()
 
     def before(self, student, idx, step, lr):
+        """Before the step on the batch idx: h or the held-out loss, measured anew every
+        --probe_every steps; lookahead: every teacher's r_j on this batch."""
         if step % self.loop.args.probe_every == 0 or self.state is None:
             measure = self.heldout_grad if self.is_lookahead else self.heldout_loss
             self.state = measure(student, self.probe(step))

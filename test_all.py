@@ -1299,7 +1299,6 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
 def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import bench
-    monkeypatch.setattr(bench, "TEAM", dict(bench.TEAM))  # --base_teacher adds to it
     tiny_bert = make_tiny_bert(str(tmp_path / "bert6"), layers=6)  # the bench team goes up to 6 layers
     write_task(str(tmp_path / "glue"), "MRPC", n_train=48, n_dev=16)
     out = str(tmp_path / "results")
@@ -1334,6 +1333,14 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     assert len(learned["reward"]) == 7 and len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
     assert 0 <= learned["share"]["drawn"][0] <= 1 and 0 <= learned["share"]["every"][0] <= 1
     assert set(result["ground_truth"]) == {"base", *bench.TEAM}
+    helpful = ["base", "L6-s1", "L6-s2", "L4", "L3"]  # the spread of their students, by hand
+    singles_dev = [[glue_data.score(result["runs"][f"single ({n})"][s]["dev"]) for s in "01"]
+                   for n in helpful]
+    means = np.mean(singles_dev, axis=1)
+    pooled_sd = np.sqrt(np.mean(np.var(singles_dev, axis=1, ddof=1)))
+    spread = result["helpful_spread"]
+    assert spread["best_minus_worst"] == pytest.approx(means.max() - means.min())
+    assert spread["seed_sd"] == pytest.approx(pooled_sd)
     # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
     argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
             "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
@@ -1360,6 +1367,7 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
         assert torch.allclose(teacher("L6-contra")(**x).logits, teacher("L6-s1")(**x).logits.flip(-1))
     table = open(os.path.join(out, "MRPC-transfer.md")).read()
     assert "| auto |" in table and "| auto (slr1) | " in table
+    assert f"best minus worst {100 * spread['best_minus_worst']:.1f} points" in table
     assert os.path.getsize(os.path.join(out, "MRPC-transfer_distribution.png")) > 1000
     shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
     limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
