@@ -371,13 +371,8 @@ def report(a, members, work, runs, autos, scores, seconds, run_s):
 
     pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
     cols = list(next(iter(table.values())))
-    labelled = f"{a.train_limit} labelled training examples" if a.train_limit else "all of train"
-    transfer = f", a transfer set of {a.transfer} unlabelled ones" if a.transfer else ""
-    seeds = ", ".join(map(str, a.seeds))
-    setting = (f"{a.task}: {labelled}{transfer}; a {a.student_layers}-layer student of "
-               f"{portable(a.base_model)}, {a.epochs} epochs; seeds {seeds}; "
-               f"dev scores (%), mean ± sd over seeds.")
-    lines = [setting, "", f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    setting = setting_line(a, f"a {a.student_layers}-layer student", a.seeds)
+    lines = [setting + " Mean ± sd over seeds.", "", f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {row} | {' | '.join(pm(v) for v in r.values())} |" for row, r in table.items()]
     none = statistics.mean(score("none"))
     lines += ["", "| teacher | layers | trained on | its own dev score | student distilled from it alone | against `none` |",
@@ -419,6 +414,16 @@ def report(a, members, work, runs, autos, scores, seconds, run_s):
     write_text(os.path.join(a.out, f"{name}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(learned["auto"]["dists"], os.path.join(a.out, f"{name}_distribution.png"), a.task)
+
+
+def setting_line(a, student, seeds):
+    """What a table's runs share, said once above it."""
+    labelled = f"{a.train_limit} labelled training examples" if a.train_limit else "all of train"
+    transfer = f", a transfer set of {a.transfer} unlabelled ones" if a.transfer else ""
+    seeds = ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+    base = f"; the base-size teacher from {portable(a.base_teacher)}" if a.base_teacher else ""
+    return (f"{a.task}: {labelled}{transfer}; {student} of {portable(a.base_model)}, "
+            f"{a.epochs} epochs{base}; {seeds}; dev scores (%).")
 
 
 def learned_stats(dists, names, truth, helpful, harmful, ineffective):
@@ -539,15 +544,15 @@ def pilot(a, members, work, data_dir, dirs, t0):
         for n, d in helpful:
             argvs[n, layers] = run_argv(sized, work, data_dir, "single", f"{prefix}-{n}", [d], 0)
     done = run_all(a.jobs, argvs, t0)
-    lines = [f"| student | none | {' | '.join(n for n, _ in helpful)} | best minus worst helpful |",
-             "|---" * (len(helpful) + 3) + "|"]
+    setting = setting_line(a, "2- and 4-layer students", [0])
+    lines = [setting, "", f"| student | none | {' | '.join(n for n, _ in helpful)} | "
+             "best minus worst helpful |", "|---" * (len(helpful) + 3) + "|"]
     for layers in (2, 4):
         none = glue_data.score(done["none", layers]["dev"])
         scores = [glue_data.score(done[n, layers]["dev"]) for n, _ in helpful]
         cells = " | ".join(f"{100 * s:.1f}" for s in scores)
         spread = max(scores) - min(scores)
         lines.append(f"| {layers} layers | {100 * none:.1f} | {cells} | {100 * spread:.1f} |")
-    lines += ["", f"Dev scores (%), seed 0; transfer set: {a.transfer} examples."]
     write_text(os.path.join(a.out, f"{a.task}-pilot.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
