@@ -198,7 +198,8 @@ def run_all(jobs, argvs, t0):
 
 
 def main(argv=None):
-    a, t0 = parse_args(argv), time.time()
+    a = parse_args(argv)
+    t0 = time.time()
     if a.speed:
         return speed(a)
     members = team_members(a)
@@ -208,41 +209,61 @@ def main(argv=None):
     if a.pilot:
         return pilot(a, members, work, data_dir, dirs, t0)
 
-    # 2. every strategy and seed, same student and budget. `single` runs once per teacher: what each
-    # teacher is worth to this student, distilled alone, is the ranking a learned distribution should find.
-    best = max(members, key=lambda n: scores[n])  # by its own dev score
-    rows = {"none": ("none", "none", [], [])}  # row: (strategy, out_dir prefix, teachers, extra flags)
-    for n, d in zip(members, dirs):
-        rows[f"single ({n})"] = ("single", f"single-{n}", [d], [])
-    rows.update({s: (s, s, dirs, []) for s in ("ensemble", "uniform", "auto")})
-    rows["skd (teacher-rank)"] = ("skd", "skd-teacher-rank", dirs, [])
-    if a.transfer:  # what the transfer set brings: the best teacher without it
-        best_dir = dirs[list(members).index(best)]
-        no_transfer = ["--transfer", ""]  # (empty: none)
-        rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [best_dir], no_transfer)
-    rows.update({f"auto ({name})": ("auto", f"auto-{name}", dirs, shlex.split(flags)) for name, flags in a.variant})
+    # 2. every strategy and seed, same student and budget
+    rows = bench_rows(a, members, dirs, scores)
+    auto_first = sorted(rows.items(), key=lambda r: r[1][0] != "auto")  # the longest runs first
     argvs = {}
-    for seed in a.seeds:  # auto rows first: they are the longest
-        for row, (strategy, prefix, teachers, extra) in sorted(rows.items(), key=lambda r: r[1][0] != "auto"):
+    for seed in a.seeds:
+        for row, (strategy, prefix, teachers, extra) in auto_first:
             name = f"{prefix}-seed{seed}"
             argvs[row, seed] = run_argv(a, work, data_dir, strategy, name, teachers, seed) + extra
     done = run_all(a.jobs, argvs, t0)
-    # SKDBERT's student-rank: teachers ranked by what the students distilled from each alone scored
-    alone = {}  # teacher folder: the mean score of the students distilled from it alone
-    for n, d in zip(members, dirs):
-        alone[d] = statistics.mean(glue_data.score(done[f"single ({n})", s]["dev"]) for s in a.seeds)
-    weights = distill.teacher_rank([alone[d] for d in sorted(dirs)])  # in the team's sorted order
-    flags = ["--weights"] + [str(w) for w in weights]
+    # SKDBERT's student-rank: from the `single` rows' students
+    flags = student_rank_flags(a, members, dirs, done)
     rows["skd (student-rank)"] = ("skd", "skd-student-rank", dirs, flags)
     more = {}
     for seed in a.seeds:
         name = f"skd-student-rank-seed{seed}"
-        more["skd (student-rank)", seed] = run_argv(a, work, data_dir, "skd", name, dirs, seed) + flags
+        argv = run_argv(a, work, data_dir, "skd", name, dirs, seed)
+        more["skd (student-rank)", seed] = argv + flags
     done |= run_all(a.jobs, more, t0)
     runs = {row: {seed: done[row, seed] for seed in a.seeds} for row in rows}
-    run_s = sum(m["timings"]["total_s"] for m in list(team.values()) + list(done.values()))
+    finished = list(team.values()) + list(done.values())
+    run_s = sum(m["timings"]["total_s"] for m in finished)
     autos = {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"}
     report(a, members, work, runs, autos, scores, time.time() - t0, run_s)
+
+
+def bench_rows(a, members, dirs, scores):
+    """The bench's rows, {row: (strategy, out_dir prefix, teachers, extra flags)}. `single` runs
+    once per teacher: what each teacher is worth to this student, distilled alone, is the ranking a
+    learned distribution should find."""
+    rows = {"none": ("none", "none", [], [])}
+    for n, d in zip(members, dirs):
+        rows[f"single ({n})"] = ("single", f"single-{n}", [d], [])
+    for strategy in ("ensemble", "uniform", "auto"):
+        rows[strategy] = (strategy, strategy, dirs, [])
+    rows["skd (teacher-rank)"] = ("skd", "skd-teacher-rank", dirs, [])
+    if a.transfer:  # what the transfer set brings: the best teacher (by its dev score) without it
+        best = max(members, key=lambda n: scores[n])
+        best_dir = dirs[list(members).index(best)]
+        no_transfer = ["--transfer", ""]  # (empty: none)
+        rows[f"single ({best}, no transfer)"] = ("single", f"single-{best}-alone", [best_dir],
+                                                 no_transfer)
+    for name, flags in a.variant:
+        rows[f"auto ({name})"] = ("auto", f"auto-{name}", dirs, shlex.split(flags))
+    return rows
+
+
+def student_rank_flags(a, members, dirs, done):
+    """SKDBERT's student-rank p as --weights: the teachers ranked by the mean score of the students
+    distilled from each alone, in the team's sorted order."""
+    alone = {}  # teacher folder: that mean score
+    for n, d in zip(members, dirs):
+        scores = [glue_data.score(done[f"single ({n})", seed]["dev"]) for seed in a.seeds]
+        alone[d] = statistics.mean(scores)
+    weights = distill.teacher_rank([alone[d] for d in sorted(dirs)])
+    return ["--weights"] + [str(w) for w in weights]
 
 
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
@@ -266,12 +287,15 @@ def team_members(a):
 
 
 def make_team(a, members, t0):
-    """Fine-tune the team with distill.py --strategy none (reused when present), build the contradicting
-    teacher and cache every teacher's outputs once, so that parallel runs only read the cache.
+    """Fine-tune the team with distill.py --strategy none (reused when present), build the
+    contradicting teacher and cache every teacher's outputs once, so that parallel runs only read
+    the cache.
 
-    Returns (work folder, data folder, teacher folders, {name: metrics.json of its training}, {name: dev score}).
+    Returns (work folder, data folder, teacher folders, {name: metrics.json of its training},
+    {name: dev score}).
     """
-    work, data_dir = os.path.join(a.out, a.task), a.data_dir
+    work = os.path.join(a.out, a.task)
+    data_dir = a.data_dir
     if a.train_limit:
         data_dir = os.path.join(work, "data")
         rewrite_train(a.data_dir, data_dir, a.task, a.train_limit, False, 0)
@@ -284,17 +308,9 @@ def make_team(a, members, t0):
         if kind == INEFFECTIVE:
             teacher_data = os.path.join(work, "shuffled")
             rewrite_train(data_dir, teacher_data, a.task, None, True, seed)
-        if kind == HARMFUL:
-            continue
-        checkpoint, lr, epochs = a.base_model, a.teacher_lr, a.teacher_epochs
-        if layers is None:  # the base-size teacher, all its layers
-            checkpoint, lr, epochs = a.base_teacher, a.base_teacher_lr, a.base_teacher_epochs
-        argvs[name] = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
-                       "--data_dir", teacher_data, "--student", checkpoint, "--epochs", str(epochs),
-                       "--lr", str(lr), "--seed", str(seed),
-                       "--out_dir", os.path.join(work, "teachers", name)]
-        if layers is not None:
-            argvs[name] += ["--student_layers", str(layers)]
+        if kind != HARMFUL:  # (built from L6-s1 below, not trained)
+            out = os.path.join(work, "teachers", name)
+            argvs[name] = teacher_argv(a, layers, seed, teacher_data, out)
     team = run_all(a.jobs, argvs, t0)
     dirs = [os.path.join(work, "teachers", n) for n in members]
     for name, d in zip(members, dirs):
@@ -310,9 +326,24 @@ def make_team(a, members, t0):
     return work, data_dir, dirs, team, scores
 
 
+def teacher_argv(a, layers, seed, data_dir, out):
+    """distill.py's flags to fine-tune one teacher: `layers` of --base_model, or all of
+    --base_teacher (layers None)."""
+    checkpoint, lr, epochs = a.base_model, a.teacher_lr, a.teacher_epochs
+    if layers is None:  # the base-size teacher, all its layers
+        checkpoint, lr, epochs = a.base_teacher, a.base_teacher_lr, a.base_teacher_epochs
+    argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
+            "--data_dir", data_dir, "--student", checkpoint, "--epochs", str(epochs),
+            "--lr", str(lr), "--seed", str(seed), "--out_dir", out]
+    if layers is not None:
+        argv += ["--student_layers", str(layers)]
+    return argv
+
+
 def contradict(src, dst, task):
-    """A copy of the classifier in src that contradicts it: output i is src's output i+1 (two classes:
-    swapped), so it puts its confidence on a wrong class wherever src is right; regression: 5 - score."""
+    """A copy of the classifier in src that contradicts it: output i is src's output i+1 (two
+    classes: swapped), so it puts its confidence on a wrong class wherever src is right;
+    regression: 5 - score."""
     if os.path.isfile(os.path.join(dst, "config.json")):
         return
     model = AutoModelForSequenceClassification.from_pretrained(src)
@@ -320,100 +351,155 @@ def contradict(src, dst, task):
             and m.out_features == model.config.num_labels][-1]  # the layer that gives the outputs
     with torch.no_grad():
         if glue_data.get_task(task).labels is None:
-            head.weight.neg_(), head.bias.neg_().add_(5.0)
+            head.weight.neg_()
+            head.bias.neg_().add_(5.0)
         else:
-            head.weight.copy_(head.weight.roll(-1, 0)), head.bias.copy_(head.bias.roll(-1, 0))
+            head.weight.copy_(head.weight.roll(-1, 0))
+            head.bias.copy_(head.bias.roll(-1, 0))
     shutil.rmtree(dst + ".tmp", ignore_errors=True)
-    model.save_pretrained(dst + ".tmp"), AutoTokenizer.from_pretrained(src).save_pretrained(dst + ".tmp")
+    model.save_pretrained(dst + ".tmp")
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst + ".tmp")
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(dst + ".tmp", dst)
 
 
 def report(a, members, work, runs, autos, scores, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
-    names, n_seeds = list(members), len(a.seeds)
-    score = lambda row: [glue_data.score(m["dev"]) for m in runs[row].values()]  # per seed
-    truth = {n: statistics.mean(score(f"single ({n})")) for n in names}  # the student's dev score, distilled from n alone
-    helpful = [n for n in names if members[n][2] == "labels"]
-    harmful = [n for n in names if members[n][2] == HARMFUL]
-    ineffective = [n for n in names if members[n][2] == INEFFECTIVE]
-    # do the helpful teachers differ in worth to the student by more than the seeds do?
-    helpful_truth = [truth[n] for n in helpful]
-    spread = {"best_minus_worst": max(helpful_truth) - min(helpful_truth), "seed_sd": None}
-    if n_seeds > 1:
-        variances = [statistics.variance(score(f"single ({n})")) for n in helpful]
-        spread["seed_sd"] = math.sqrt(statistics.mean(variances))
-    table = {}
-    for row, by_seed in runs.items():
-        metrics = sorted({(s, k) for m in by_seed.values() for s, ms in m["dev"].items() for k in ms})
-        table[row] = {f"{s}/{k}": [m["dev"][s][k] for m in by_seed.values()] for s, k in metrics}
+    names = list(members)
+    kinds = {kind: [n for n in names if members[n][2] == kind]
+             for kind in ("labels", HARMFUL, INEFFECTIVE)}
+    helpful = kinds["labels"]
+    # the ground truth: the student's dev score distilled from each teacher alone, mean over seeds
+    truth = {n: statistics.mean(seed_scores(runs, f"single ({n})")) for n in names}
+    best = f"single ({max(helpful, key=lambda n: truth[n])})"  # the best by the ground truth
+    others = ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best)
     learned = {}
+    auto_dists = {}
     for row, prefix in autos.items():  # what phase-1, selection and the rewards did
-        dists = {}
-        for seed in a.seeds:
-            with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
-                dists[seed] = json.load(f)
-        learned[row] = learned_stats(dists, names, truth, helpful, harmful, ineffective)
-        best = f"single ({max(helpful, key=lambda n: truth[n])})"  # the best teacher by the ground truth
-        others = ("uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)", best)
-        bases = [r for r in others if r in runs]
-        learned[row]["vs"] = {b: [x - y for x, y in zip(score(row), score(b))] for b in bases}
-        learned[row]["dists"] = dists
+        dists = read_dists(work, prefix, a.seeds)
+        auto_dists[row] = dists
+        learned[row] = learned_stats(dists, names, truth, kinds)
+        mine = seed_scores(runs, row)
+        vs = {}  # the other row: this row's score minus the other's, per seed
+        for other in [r for r in others if r in runs]:
+            vs[other] = [x - y for x, y in zip(mine, seed_scores(runs, other))]
+        learned[row]["vs"] = vs
+    spread = helpful_spread(runs, truth, helpful)
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds,
               "teacher_scores": scores, "ground_truth": truth, "helpful_spread": spread,
-              "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
-              "learned": {r: {k: v for k, v in s.items() if k != "dists"} for r, s in learned.items()},
-              "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
+              "runs": {row: {str(seed): m for seed, m in r.items()} for row, r in runs.items()},
+              "learned": learned, "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     name = a.task + ("-transfer" if a.transfer else "")  # the setting's tables, beside the others
     write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
+    lines = strategy_table(a, runs) + teacher_table(members, runs, scores, truth, spread)
+    lines += learned_tables(names, kinds, learned, len(a.seeds))
+    lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
+              f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier "
+              f"invocation counts its own time)."]
+    write_text(os.path.join(a.out, f"{name}.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(auto_dists["auto"], os.path.join(a.out, f"{name}_distribution.png"), a.task)
 
-    pm = lambda v, scale=100: f"{scale * statistics.mean(v):.1f} ± {scale * statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+
+def read_dists(work, prefix, seeds):
+    """{seed: distribution.json} of an auto row's runs."""
+    dists = {}
+    for seed in seeds:
+        with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
+            dists[seed] = json.load(f)
+    return dists
+
+
+def seed_scores(runs, row):
+    """A row's dev score, per seed."""
+    return [glue_data.score(m["dev"]) for m in runs[row].values()]
+
+
+def helpful_spread(runs, truth, helpful):
+    """Do the helpful teachers differ in worth to the student by more than the seeds do? Their
+    students' best minus worst mean score, and the seed standard deviation pooled over their rows
+    (None with one seed)."""
+    means = [truth[n] for n in helpful]
+    spread = {"best_minus_worst": max(means) - min(means), "seed_sd": None}
+    per_seed = [seed_scores(runs, f"single ({n})") for n in helpful]
+    if len(per_seed[0]) > 1:
+        variances = [statistics.variance(scores) for scores in per_seed]
+        spread["seed_sd"] = math.sqrt(statistics.mean(variances))
+    return spread
+
+
+def mean_sd(values):
+    """'mean ± sd' of scores in %, sd 0 for one value."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def strategy_table(a, runs):
+    """The setting's line, then every row's dev metrics, mean ± sd over seeds."""
+    table = {}  # row: {split/metric: [value per seed]}
+    for row, by_seed in runs.items():
+        dev = [m["dev"] for m in by_seed.values()]
+        metrics = sorted({(split, k) for d in dev for split, ms in d.items() for k in ms})
+        table[row] = {f"{split}/{k}": [d[split][k] for d in dev] for split, k in metrics}
     cols = list(next(iter(table.values())))
     setting = setting_line(a, f"a {a.student_layers}-layer student", a.seeds)
-    lines = [setting + " Mean ± sd over seeds.", "", f"| strategy | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {row} | {' | '.join(pm(v) for v in r.values())} |" for row, r in table.items()]
-    none = statistics.mean(score("none"))
-    lines += ["", "| teacher | layers | trained on | its own dev score | student distilled from it alone | against `none` |",
-              "|---|---|---|---|---|---|"]
-    for n in names:
-        layers, _, kind = members[n]
-        alone = pm(score(f"single ({n})"))
+    lines = [setting + " Mean ± sd over seeds.", "", f"| strategy | {' | '.join(cols)} |",
+             "|---" * (len(cols) + 1) + "|"]
+    for row, r in table.items():
+        lines.append(f"| {row} | {' | '.join(mean_sd(v) for v in r.values())} |")
+    return lines
+
+
+def teacher_table(members, runs, scores, truth, spread):
+    """Each teacher's own dev score and the student distilled from it alone (the ground truth)."""
+    none = statistics.mean(seed_scores(runs, "none"))
+    lines = ["", "| teacher | layers | trained on | its own dev score | student distilled from it "
+             "alone | against `none` |", "|---|---|---|---|---|---|"]
+    for n, (layers, _, kind) in members.items():
+        alone = mean_sd(seed_scores(runs, f"single ({n})"))
         lines.append(f"| {n} | {layers} | {kind} | {100 * scores[n]:.1f} | {alone} | "
                      f"{100 * (truth[n] - none):+.1f} |")
     if spread["seed_sd"] is not None:
         lines += ["", f"The helpful teachers' students: best minus worst "
                   f"{100 * spread['best_minus_worst']:.1f} points; seed standard deviation "
                   f"{100 * spread['seed_sd']:.1f} (pooled over those rows)."]
-    lines += ["", f"| run | `auto` minus `uniform` (dev score, per seed: mean ± sd) | `auto` minus `ensemble` | "
-              f"{', '.join(harmful)} discarded | {', '.join(ineffective)} discarded | "
-              "Kendall tau with the ground truth, p after phase-1 / final p, per seed |", "|---|---|---|---|---|---|"]
+    return lines
+
+
+def learned_tables(names, kinds, learned, n_seeds):
+    """Per auto row: against uniform and ensemble, selection and tau; p and the phase-1 rewards;
+    every gap to the other rows, seed by seed."""
+    harmful = ", ".join(kinds[HARMFUL])
+    ineffective = ", ".join(kinds[INEFFECTIVE])
+    lines = ["", f"| run | `auto` minus `uniform` (dev score, per seed: mean ± sd) | `auto` minus "
+             f"`ensemble` | {harmful} discarded | {ineffective} discarded | Kendall tau with the "
+             "ground truth, p after phase-1 / final p, per seed |", "|---|---|---|---|---|---|"]
     for row, s in learned.items():
         taus = ", ".join(f"{x:+.2f} / {y:+.2f}" for x, y in zip(s["tau_phase1"], s["tau_final"]))
-        lines.append(f"| {row} | {pm(s['vs']['uniform'])} | {pm(s['vs']['ensemble'])} | {s['harmful_discarded']}/{n_seeds} | "
+        lines.append(f"| {row} | {mean_sd(s['vs']['uniform'])} | {mean_sd(s['vs']['ensemble'])} | "
+                     f"{s['harmful_discarded']}/{n_seeds} | "
                      f"{s['ineffective_discarded']}/{n_seeds} | {taus} |")
-    lines += ["", f"| run | mean p after phase-1 ({', '.join(names)}) | phase-1 reward per teacher, mean ± standard "
-              f"error, pooled over seeds | harmful below every helpful teacher by (standard errors of the difference, "
-              f"least per seed) | Kendall tau of the reward ranking between seeds, mean over pairs | reward variance "
-              f"the teacher explains (chance) |", "|---|---|---|---|---|---|"]
+    lines += ["", f"| run | mean p after phase-1 ({', '.join(names)}) | phase-1 reward per "
+              "teacher, mean ± standard error, pooled over seeds | harmful below every helpful teacher by "
+              "(standard errors of the difference, least per seed) | Kendall tau of the reward "
+              "ranking between seeds, mean over pairs | reward variance the teacher explains "
+              "(chance) |", "|---|---|---|---|---|---|"]
     for row, s in learned.items():
-        share = "; ".join(f"{label} {100 * x:.1f}% ({100 * c:.1f}%)" for label, (x, c) in s["share"].items())
-        lines.append(f"| {row} | {', '.join(f'{p:.2f}' for p in s['phase1_p'])} | "
-                     f"{', '.join(f'{m:+.2e} ± {se:.1e}' for m, se in s['reward'])} | "
-                     f"{', '.join(f'{z:.1f}' for z in s['harmful_z'])} | {s['seed_tau']:+.2f} | {share} |")
+        p1 = ", ".join(f"{p:.2f}" for p in s["phase1_p"])
+        rewards = ", ".join(f"{m:+.2e} ± {se:.1e}" for m, se in s["reward"])
+        gaps = ", ".join(f"{z:.1f}" for z in s["harmful_z"])
+        share = "; ".join(f"{label} {100 * x:.1f}% ({100 * c:.1f}%)"
+                          for label, (x, c) in s["share"].items())
+        lines.append(f"| {row} | {p1} | {rewards} | {gaps} | {s['seed_tau']:+.2f} | {share} |")
     lines += ["", "| run | against | its dev score minus the other's, per seed | mean ± sd |",
               "|---|---|---|---|"]
     for row, s in learned.items():
-        for base, gaps in s["vs"].items():
+        for other, gaps in s["vs"].items():
             per_seed = ", ".join(f"{100 * g:+.1f}" for g in gaps)
-            lines.append(f"| {row} | {base} | {per_seed} | {pm(gaps)} |")
-    lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
-              f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier invocation "
-              f"counts its own time)."]
-    write_text(os.path.join(a.out, f"{name}.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(learned["auto"]["dists"], os.path.join(a.out, f"{name}_distribution.png"), a.task)
+            lines.append(f"| {row} | {other} | {per_seed} | {mean_sd(gaps)} |")
+    return lines
 
 
 def setting_line(a, student, seeds):
@@ -426,27 +512,41 @@ def setting_line(a, student, seeds):
             f"{a.epochs} epochs{base}; {seeds}; dev scores (%).")
 
 
-def learned_stats(dists, names, truth, helpful, harmful, ineffective):
+def learned_stats(dists, names, truth, kinds):
     """What an auto row's runs ({seed: distribution.json}) learned, against the ground truth."""
-    at = {seed: {os.path.basename(t): i for i, t in enumerate(d["teachers"])} for seed, d in dists.items()}
-    p1 = {seed: [d["phase1"][-1][at[seed][n]] for n in names] for seed, d in dists.items()}
-    final = {seed: [d["final"][at[seed][n]] for n in names] for seed, d in dists.items()}
-    rewards = {seed: phase1_rewards(d, names) for seed, d in dists.items()}  # {seed: ({name: [r]}, paired)}
-    means = {seed: [statistics.mean(r[n]) if r[n] else float("nan") for n in names] for seed, (r, _) in rewards.items()}
-    pooled = []
+    truth_k = [truth[n] for n in names]
+    p1 = []  # per seed: p after phase-1, in the order of names
+    final = []  # per seed: the final p
+    for d in dists.values():
+        at = {os.path.basename(t): i for i, t in enumerate(d["teachers"])}
+        p1.append([d["phase1"][-1][at[n]] for n in names])
+        final.append([d["final"][at[n]] for n in names])
+    rewards = [phase1_rewards(d, names) for d in dists.values()]  # per seed: ({name: [r]}, paired)
+    harmful_z = []  # per seed: the harmful teacher's smallest gap below a helpful one
+    for r, paired in rewards:
+        gaps = [gap_z(r[h], r[x], paired) for h in kinds["labels"] for x in kinds[HARMFUL]]
+        harmful_z.append(min(gaps))
+    pooled = []  # per teacher: (mean, standard error) of its phase-1 rewards over every seed
     for n in names:
-        r = [x for rs, _ in rewards.values() for x in rs[n]]
-        pooled.append((statistics.mean(r), statistics.stdev(r) / math.sqrt(len(r))) if len(r) > 1 else (math.nan, math.nan))
-    gt = [truth[n] for n in names]
-    discarded = lambda kind: sum(all(n in map(os.path.basename, d["discarded"]) for n in kind) for d in dists.values())
-    return {"phase1_p": [statistics.mean(p[i] for p in p1.values()) for i in range(len(names))],
-            "tau_phase1": [kendall_tau(gt, p) for p in p1.values()], "tau_final": [kendall_tau(gt, p) for p in final.values()],
-            "harmful_discarded": discarded(harmful),
-            "ineffective_discarded": discarded(ineffective),
-            "reward": pooled, "harmful_z": [min(gap_z(r[h], r[x], paired) for h in helpful for x in harmful)
-                                            for r, paired in rewards.values()],
-            "seed_tau": statistics.mean(kendall_tau(means[s], means[t]) for s in means for t in means if s < t)
-            if len(means) > 1 else math.nan, "share": teacher_share(dists)}
+        r = [x for by_name, _ in rewards for x in by_name[n]]
+        pooled.append((math.nan, math.nan))
+        if len(r) > 1:
+            pooled[-1] = (statistics.mean(r), statistics.stdev(r) / math.sqrt(len(r)))
+    means = []  # per seed: each teacher's mean phase-1 reward
+    for by_name, _ in rewards:
+        means.append([statistics.mean(by_name[n]) if by_name[n] else math.nan for n in names])
+    seed_tau = math.nan  # do the seeds rank the teachers alike?
+    if len(means) > 1:
+        pairs = [(s, t) for t in range(len(means)) for s in range(t)]
+        seed_tau = statistics.mean(kendall_tau(means[s], means[t]) for s, t in pairs)
+    discarded = [set(map(os.path.basename, d["discarded"])) for d in dists.values()]
+    return {"phase1_p": [statistics.mean(p[i] for p in p1) for i in range(len(names))],
+            "tau_phase1": [kendall_tau(truth_k, p) for p in p1],
+            "tau_final": [kendall_tau(truth_k, p) for p in final],
+            "harmful_discarded": sum(set(kinds[HARMFUL]) <= out for out in discarded),
+            "ineffective_discarded": sum(set(kinds[INEFFECTIVE]) <= out for out in discarded),
+            "reward": pooled, "harmful_z": harmful_z, "seed_tau": seed_tau,
+            "share": teacher_share(dists)}
 
 
 def phase1_rewards(d, names):
