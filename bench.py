@@ -72,7 +72,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # teacher
 # Listed longest first, so that with --jobs the last runs are short ones.
 TEAM = {"L6-s1": (6, 1, "labels"), "L6-s2": (6, 2, "labels"), "L6-shuffled": (6, 5, "shuffled"),
         "L6-contra": (6, 1, "contra"), "L4": (4, 3, "labels"), "L3": (3, 4, "labels")}
-HARMFUL, INEFFECTIVE = "contra", "shuffled"
+HARMFUL = "contra"
+INEFFECTIVE = "shuffled"
 
 
 def parse_args(argv=None):
@@ -181,16 +182,17 @@ def run(argv):
 def run_all(jobs, argvs, t0):
     """Run every argv ({key: argv}), `jobs` at a time; {key: metrics.json}."""
     def done(key, m, i):
-        print(f"[{i}/{len(argvs)}, {(time.time() - t0) / 60:.0f} min] {key}: dev score {glue_data.score(m['dev']):.4f}",
-              flush=True)
+        minutes = (time.time() - t0) / 60
+        score = glue_data.score(m["dev"])
+        print(f"[{i}/{len(argvs)}, {minutes:.0f} min] {key}: dev score {score:.4f}", flush=True)
     if jobs == 1:
         out = {}
         for i, (key, argv) in enumerate(argvs.items(), 1):
             out[key] = run(argv)
             done(key, out[key], i)
         return out
-    with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(1,)) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         futures = {key: pool.submit(run, argv) for key, argv in argvs.items()}
         for i, (key, f) in enumerate(futures.items(), 1):
             done(key, f.result(), i)
@@ -329,12 +331,15 @@ def make_team(a, members, t0):
 def teacher_argv(a, layers, seed, data_dir, out):
     """distill.py's flags to fine-tune one teacher: `layers` of --base_model, or all of
     --base_teacher (layers None)."""
-    checkpoint, lr, epochs = a.base_model, a.teacher_lr, a.teacher_epochs
-    if layers is None:  # the base-size teacher, all its layers
-        checkpoint, lr, epochs = a.base_teacher, a.base_teacher_lr, a.base_teacher_epochs
     argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len), "--strategy", "none",
-            "--data_dir", data_dir, "--student", checkpoint, "--epochs", str(epochs),
-            "--lr", str(lr), "--seed", str(seed), "--out_dir", out]
+            "--data_dir", data_dir]
+    if layers is None:  # the base-size teacher, all its layers
+        argv += ["--student", a.base_teacher, "--epochs", str(a.base_teacher_epochs),
+                 "--lr", str(a.base_teacher_lr)]
+    else:
+        argv += ["--student", a.base_model, "--epochs", str(a.teacher_epochs),
+                 "--lr", str(a.teacher_lr)]
+    argv += ["--seed", str(seed), "--out_dir", out]
     if layers is not None:
         argv += ["--student_layers", str(layers)]
     return argv
@@ -482,10 +487,10 @@ def learned_tables(names, kinds, learned, n_seeds):
                      f"{s['harmful_discarded']}/{n_seeds} | "
                      f"{s['ineffective_discarded']}/{n_seeds} | {taus} |")
     lines += ["", f"| run | mean p after phase-1 ({', '.join(names)}) | phase-1 reward per "
-              "teacher, mean ± standard error, pooled over seeds | harmful below every helpful teacher by "
-              "(standard errors of the difference, least per seed) | Kendall tau of the reward "
-              "ranking between seeds, mean over pairs | reward variance the teacher explains "
-              "(chance) |", "|---|---|---|---|---|---|"]
+              "teacher, mean ± standard error, pooled over seeds | harmful below every helpful "
+              "teacher by (standard errors of the difference, least per seed) | Kendall tau of the "
+              "reward ranking between seeds, mean over pairs | reward variance the teacher "
+              "explains (chance) |", "|---|---|---|---|---|---|"]
     for row, s in learned.items():
         p1 = ", ".join(f"{p:.2f}" for p in s["phase1_p"])
         rewards = ", ".join(f"{m:+.2e} ± {se:.1e}" for m, se in s["reward"])
@@ -566,7 +571,8 @@ def gap_z(a, b, paired):
         return math.nan
     if paired:
         d = [x - y for x, y in zip(a, b)]
-        gap, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+        gap = statistics.mean(d)
+        se = statistics.stdev(d) / math.sqrt(len(d))
     else:
         gap = statistics.mean(a) - statistics.mean(b)
         se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
@@ -578,13 +584,15 @@ def kendall_tau(x, y):
     pairs untied in y)."""
     pairs = [(x[i] - x[j], y[i] - y[j]) for i in range(len(x)) for j in range(i)]
     s = sum((dx > 0) - (dx < 0) for dx in (a * b for a, b in pairs))
-    nx, ny = sum(a != 0 for a, _ in pairs), sum(b != 0 for _, b in pairs)
+    nx = sum(a != 0 for a, _ in pairs)  # pairs untied in x
+    ny = sum(b != 0 for _, b in pairs)
     return s / math.sqrt(nx * ny) if nx and ny else math.nan
 
 
 def teacher_share(dists):
-    """How much of the phase-1 reward the teacher explains, means over seeds, each with what chance alone
-    gives: {"drawn": (share, chance)}, and for rewards that score every teacher at every step, "every": (share, chance).
+    """How much of the phase-1 reward the teacher explains, means over seeds, each with what chance
+    alone gives: {"drawn": (share, chance)}, and for rewards that score every teacher at every step,
+    "every": (share, chance).
 
     drawn: the drawn teacher's reward at each step, grouped by teacher: the between-teacher sum of squares
     over the total (eta squared); chance (K-1)/(n-1) for K teachers and n steps.
@@ -603,12 +611,15 @@ def teacher_share(dists):
         for k, r in drawn:
             groups.setdefault(k, []).append(r)
         between = sum(len(g) * (statistics.mean(g) - mean) ** 2 for g in groups.values())
-        out.setdefault("drawn", []).append((between / total if total > 0 else 0.0, (len(d["teachers"]) - 1) / (len(drawn) - 1)))
+        share = between / total if total > 0 else 0.0
+        chance = (len(d["teachers"]) - 1) / (len(drawn) - 1)
+        out.setdefault("drawn", []).append((share, chance))
         if isinstance(steps[0][1], list):
             left = [[x - statistics.mean(r) for x in r] for _, r in steps]  # [n][K]
             col = [statistics.mean(c) for c in zip(*left)]
             total = sum(x * x for r in left for x in r)
-            out.setdefault("every", []).append((len(left) * sum(c * c for c in col) / total if total > 0 else 0.0, 1 / len(left)))
+            share = len(left) * sum(c * c for c in col) / total if total > 0 else 0.0
+            out.setdefault("every", []).append((share, 1 / len(left)))
     return {k: tuple(statistics.mean(x) for x in zip(*v)) for k, v in out.items()}
 
 
@@ -689,11 +700,13 @@ def selection(a, members, work, data_dir, dirs, t0):
                 continue
             verdict = "" if t["kept"] else " (out)"
             cells.append(f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}{verdict}")
-        lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | {row['harmful_discarded']} |")
+        lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | "
+                     f"{row['harmful_discarded']} |")
     rule = [r for r in rows if r["harmful_z"] > 3]
-    lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard errors (of the "
-              f"step-by-step difference) below every kept teacher's is discarded. It applies to {len(rule)} of "
-              f"{len(rows)} runs, and holds in {sum(r['harmful_discarded'] for r in rule)} of them. (out): "
+    held = sum(r["harmful_discarded"] for r in rule)
+    lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard "
+              f"errors (of the step-by-step difference) below every kept teacher's is discarded. It "
+              f"applies to {len(rule)} of {len(rows)} runs, and holds in {held} of them. (out): "
               f"discarded by selection; p: after phase-1."]
     write_text(os.path.join(a.out, f"{a.task}-selection.json"), portable(json.dumps(rows, indent=1)))
     write_text(os.path.join(a.out, f"{a.task}-selection.md"), "\n".join(lines) + "\n")
@@ -708,8 +721,9 @@ def selection_row(d, members, team, seed):
     rewards, paired = phase1_rewards(d, names)
     harmful = next(n for n in names if members[n][2] == HARMFUL)
     kept = [n for n in names if evidence[n]["kept"] and n != harmful]
+    gaps = [gap_z(rewards[k], rewards[harmful], paired) for k in kept]
     return {"team": team, "seed": seed, "teachers": evidence,
-            "harmful_z": min((gap_z(rewards[k], rewards[harmful], paired) for k in kept), default=math.nan),
+            "harmful_z": min(gaps, default=math.nan),
             "harmful_discarded": not evidence[harmful]["kept"]}
 
 
@@ -740,91 +754,145 @@ def padding(lengths, batch_size, generator=None):
 
 def speed(a):
     """Step times, whole runs and memory of every kind of run, side by side on one machine."""
-    work, t0 = os.path.join(a.out, "speed"), time.time()
+    t0 = time.time()
+    work = os.path.join(a.out, "speed")
     data_dir = os.path.join(work, "data")
     limit = a.train_limit or 2000
     rewrite_train(a.data_dir, data_dir, a.task, limit, False, 0)
     # as many unlabelled examples again, for a final step on mixed batches (the soft loss alone)
     transfer = os.path.join(work, "transfer", a.task + ".tsv")
     write_transfer(a.data_dir, transfer, a.task, limit, limit)
-    data, labels = glue_data.load_task(data_dir, a.task), glue_data.get_task(a.task).labels
-    # 8 teachers of 4 sizes. Their quality does not matter here, so they are not fine-tuned.
-    have = kd.layers_to_keep(a.base_model)
-    dirs = [os.path.join(work, "teachers", f"T{i}") for i in range(8)]
-    for i, d in enumerate(dirs):
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            torch.manual_seed(i)
-            model, tok = kd.build_student(a.base_model, labels, min(have, [6, 4, 3, 2][i % 4]), a.task)
-            model.save_pretrained(d), tok.save_pretrained(d)
+    data = glue_data.load_task(data_dir, a.task)
+    dirs = speed_team(a, work)
     torch.set_num_threads(1)
-    shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
+    cache = os.path.join(work, "cache")
+    shutil.rmtree(cache, ignore_errors=True)
     t = time.time()
-    team_lib.load_team(dirs, a.task, data, a.max_seq_len, os.path.join(work, "cache"), DEVICE)
+    team_lib.load_team(dirs, a.task, data, a.max_seq_len, cache, DEVICE)
     fill_s = time.time() - t
-    enc_len = glue_data.lengths(glue_data.encode(AutoTokenizer.from_pretrained(dirs[0]), data["train"], a.max_seq_len))
-
-    common = ["--task", a.task, "--data_dir", data_dir, "--student", a.base_model, "--student_layers",
-              str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr), "--cache_dir",
-              os.path.join(work, "cache"), "--seed", "0"]
+    common = ["--task", a.task, "--data_dir", data_dir, "--student", a.base_model,
+              "--student_layers", str(a.student_layers), "--epochs", str(a.epochs),
+              "--lr", str(a.lr), "--cache_dir", cache, "--seed", "0"]
     runs = {  # name: argv; plain fine-tuning twice, first and last, to see the machine's drift
-        "fine-tune": ["--strategy", "none"], "single": ["--strategy", "single", "--teachers", dirs[0]],
+        "fine-tune": ["--strategy", "none"],
+        "single": ["--strategy", "single", "--teachers", dirs[0]],
         "uniform, 2 teachers": ["--strategy", "uniform", "--teachers"] + dirs[:2],
         "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
         "single, transfer set": ["--strategy", "single", "--transfer", transfer,
                                  "--teachers", dirs[0]],
         "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
-        "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step", "--teachers"] + dirs,
+        "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step",
+                                          "--teachers"] + dirs,
         "fine-tune again": ["--strategy", "none"]}
     out = {}
     for name, extra in runs.items():
-        argv = common + extra + ["--out_dir", os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))]
-        m, peak = in_fresh_process(argv)
-        T = m["timings"]
-        out[name] = {"peak_mib": peak, "run_s": T["cpu_s"] if DEVICE.type == "cpu" else T["total_s"] - T["teachers_s"],
-                     **{f"{p}_step_s": T[f"{p}_steps_s"] / T[f"{p}_steps"] for p in distill.PHASES if f"{p}_steps" in T}}
-        print(f"[{(time.time() - t0) / 60:.0f} min] {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in out[name].items()), flush=True)
+        folder = os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))
+        out[name] = speed_run(common + extra + ["--out_dir", folder])
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in out[name].items())
+        print(f"[{(time.time() - t0) / 60:.0f} min] {name}: {shown}", flush=True)
+    speed_report(a, data, dirs, out, fill_s)
+    print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
 
-    ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
-    ft_run = statistics.mean(out[n]["run_s"] for n in ("fine-tune", "fine-tune again"))
-    auto, step = out["auto, 8 teachers"], out["auto, 8 teachers, step reward"]
+
+def speed_team(a, work):
+    """8 teachers of 4 sizes from --base_model (their quality does not matter for speed, so they
+    are not fine-tuned); their folders."""
+    labels = glue_data.get_task(a.task).labels
+    have = kd.layers_to_keep(a.base_model)
+    dirs = [os.path.join(work, "teachers", f"T{i}") for i in range(8)]
+    for i, d in enumerate(dirs):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        torch.manual_seed(i)
+        layers = min(have, [6, 4, 3, 2][i % 4])
+        model, tok = kd.build_student(a.base_model, labels, layers, a.task)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    return dirs
+
+
+def speed_run(argv):
+    """One run in a fresh process: its peak memory, whole-run time and step time per phase."""
+    m, peak = in_fresh_process(argv)
+    T = m["timings"]
+    run_s = T["cpu_s"] if DEVICE.type == "cpu" else T["total_s"] - T["teachers_s"]
+    out = {"peak_mib": peak, "run_s": run_s}
+    for p in distill.PHASES:
+        if f"{p}_steps" in T:
+            out[f"{p}_step_s"] = T[f"{p}_steps_s"] / T[f"{p}_steps"]
+    return out
+
+
+def speed_ratios(out):
+    """{ratio: (measured, target)}: each kind of step and run against plain fine-tuning (the mean
+    of its two runs), and peak memory with 8 teachers against 2."""
+    fine_tunes = ("fine-tune", "fine-tune again")
+    ft = statistics.mean(out[n]["final_step_s"] for n in fine_tunes)
+    ft_run = statistics.mean(out[n]["run_s"] for n in fine_tunes)
+    auto = out["auto, 8 teachers"]
+    step = out["auto, 8 teachers, step reward"]
+    final = lambda name: out[name]["final_step_s"] / ft
+    peak = lambda name: out[name]["peak_mib"]
     ratios = {  # (measured, target)
-        "final distillation step / fine-tuning step (single)": (out["single"]["final_step_s"] / ft, 1.05),
-        "final distillation step / fine-tuning step (uniform, 8)": (out["uniform, 8 teachers"]["final_step_s"] / ft, 1.05),
+        "final distillation step / fine-tuning step (single)": (final("single"), 1.05),
+        "final distillation step / fine-tuning step (uniform, 8)":
+            (final("uniform, 8 teachers"), 1.05),
         "final distillation step / fine-tuning step (single, transfer set)":
-            (out["single, transfer set"]["final_step_s"] / ft, 1.05),
+            (final("single, transfer set"), 1.05),
         "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 2.0),
         "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 2.0),
         "phase-1 step, step reward / fine-tuning step": (step["phase1_step_s"] / ft, 1.5),
         "whole auto run (lookahead reward) / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
-        "peak memory, 8 teachers / 2 teachers": (out["uniform, 8 teachers"]["peak_mib"] / out["uniform, 2 teachers"]["peak_mib"], 1.1)}
-    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
-    result = {"device": name, "platform": platform.platform(), "torch": torch.__version__, "task": a.task,
-              "train_examples": len(data["train"]), "epochs": a.epochs, "student_layers": a.student_layers,
-              "runs": out, "ratios": {k: v[0] for k, v in ratios.items()}, "fine_tune_step_s": ft,
-              "cache_fill_s": fill_s, "cache_fill_examples": 8 * sum(len(ex) for ex in data.values()),
-              "padding_sorted": padding(enc_len, 64), "padding_unsorted": padding(enc_len, 64, torch.Generator().manual_seed(0))}
-    lines = [f"Measured on {name} ({result['platform']}, torch {torch.__version__}); {a.task}, "
-             f"{result['train_examples']} training examples, {a.student_layers}-layer student of {a.base_model}, "
-             f"{a.epochs} epochs, batch 32; times are " + ("the process's CPU time." if DEVICE.type == "cpu" else "wall time."),
+        "peak memory, 8 teachers / 2 teachers":
+            (peak("uniform, 8 teachers") / peak("uniform, 2 teachers"), 1.1)}
+    return ratios
+
+
+def speed_report(a, data, dirs, out, fill_s):
+    """results/speed-<device>.json and .md: every ratio against its target, every run."""
+    ratios = speed_ratios(out)
+    ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
+    device = f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
+    if DEVICE.type == "cuda":
+        device = torch.cuda.get_device_name()
+    tokenizer = AutoTokenizer.from_pretrained(dirs[0])
+    enc_len = glue_data.lengths(glue_data.encode(tokenizer, data["train"], a.max_seq_len))
+    shuffled = torch.Generator().manual_seed(0)
+    result = {"device": device, "platform": platform.platform(), "torch": torch.__version__,
+              "task": a.task, "train_examples": len(data["train"]), "epochs": a.epochs,
+              "student_layers": a.student_layers, "runs": out,
+              "ratios": {k: v[0] for k, v in ratios.items()}, "fine_tune_step_s": ft,
+              "cache_fill_s": fill_s,
+              "cache_fill_examples": 8 * sum(len(ex) for ex in data.values()),
+              "padding_sorted": padding(enc_len, 64),
+              "padding_unsorted": padding(enc_len, 64, shuffled)}
+    clock = "the process's CPU time." if DEVICE.type == "cpu" else "wall time."
+    lines = [f"Measured on {device} ({result['platform']}, torch {torch.__version__}); {a.task}, "
+             f"{result['train_examples']} training examples, {a.student_layers}-layer student of "
+             f"{a.base_model}, {a.epochs} epochs, batch 32; times are " + clock,
              "", "| ratio | measured | target |", "|---|---|---|"]
     lines += [f"| {k} | {v:.2f}x | <= {target}x |" for k, (v, target) in ratios.items()]
-    lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final |", "|---|---|---|---|"]
-    lines += [f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | " + ", ".join(
-        f"{1000 * r[p + '_step_s']:.1f}" if p + "_step_s" in r else "-" for p in distill.PHASES) + " |" for n, r in out.items()]
-    lines += ["", f"Cache fill: 8 teachers over train and dev once, {result['cache_fill_examples']} examples in "
-              f"{fill_s:.1f} s ({result['cache_fill_examples'] / fill_s:.0f} examples/s), in inference mode, batches "
-              f"of 64 sorted by length: {100 * (result['padding_sorted'] - 1):.1f}% padding tokens, against "
-              f"{100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
+    lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final |",
+              "|---|---|---|---|"]
+    for n, r in out.items():
+        steps = [f"{1000 * r[p + '_step_s']:.1f}" if p + "_step_s" in r else "-"
+                 for p in distill.PHASES]
+        lines.append(f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | {', '.join(steps)} |")
+    n_fill = result["cache_fill_examples"]
+    lines += ["", f"Cache fill: 8 teachers over train and dev once, {n_fill} examples in "
+              f"{fill_s:.1f} s ({n_fill / fill_s:.0f} examples/s), in inference mode, batches "
+              f"of 64 sorted by length: {100 * (result['padding_sorted'] - 1):.1f}% padding tokens, "
+              f"against {100 * (result['padding_unsorted'] - 1):.1f}% in random order."]
     tag = "gpu" if DEVICE.type == "cuda" else "cpu"
     write_text(os.path.join(a.out, f"speed-{tag}.json"), portable(json.dumps(result, indent=1)))
     write_text(os.path.join(a.out, f"speed-{tag}.md"), portable("\n".join(lines) + "\n"))
     print("\n".join(lines))
-    print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
 
 
 def cpu_name():
     with open("/proc/cpuinfo") as f:
-        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 if __name__ == "__main__":
