@@ -1296,43 +1296,76 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bench.py
-def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory):
+    """The transfer bench on a tiny team, two seeds, one auto variant: (its argv without --jobs,
+    results folder, MRPC-transfer.json). The base-size teacher is a 2-layer tiny BERT."""
     pytest.importorskip("matplotlib")
     import bench
-    tiny_bert = make_tiny_bert(str(tmp_path / "bert6"), layers=6)  # the bench team goes up to 6 layers
-    write_task(str(tmp_path / "glue"), "MRPC", n_train=48, n_dev=16)
-    out = str(tmp_path / "results")
-    base = make_tiny_bert(str(tmp_path / "bert2"), layers=2)  # the base-size teacher's checkpoint
-    extra = ["--transfer", "6", "--base_teacher", base, "--base_teacher_lr", "1e-3", "--base_teacher_epochs", "1"]
-    bench.main(["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
-                "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1",
-                "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3", "--jobs", "2", "--out", out,
-                "--variant", "slr1", "--sampler_lr 1"] + extra)
-    result = json.load(open(os.path.join(out, "MRPC-transfer.json")))
+    tmp = tmp_path_factory.mktemp("bench")
+    tiny_bert = make_tiny_bert(str(tmp / "bert6"), layers=6)  # the bench team goes up to 6 layers
+    write_task(str(tmp / "glue"), "MRPC", n_train=48, n_dev=16)
+    out = str(tmp / "results")
+    base = make_tiny_bert(str(tmp / "bert2"), layers=2)
+    argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp / "glue"),
+            "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1",
+            "--epochs", "1", "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3",
+            "--out", out, "--variant", "slr1", "--sampler_lr 1",
+            "--transfer", "6", "--base_teacher", base, "--base_teacher_lr", "1e-3",
+            "--base_teacher_epochs", "1"]
+    bench.main(argv + ["--jobs", "2"])
+    with open(os.path.join(out, "MRPC-transfer.json")) as f:
+        result = json.load(f)
+    return argv, out, result
+
+
+def test_bench_runs_every_strategy_and_reports(tiny_bench):
+    import bench
+    argv, out, result = tiny_bench
     assert not os.path.exists(os.path.join(out, "MRPC.json"))  # the labelled-only tables stay apart
     singles = {f"single ({n})" for n in ["base", *bench.TEAM]}
     best = max(result["teacher_scores"], key=result["teacher_scores"].get)
-    assert set(result["runs"]) == {"none", "ensemble", "uniform", "auto", "auto (slr1)", "skd (teacher-rank)",
-                                   "skd (student-rank)", f"single ({best}, no transfer)"} | singles
+    rows = {"none", "ensemble", "uniform", "auto", "auto (slr1)", "skd (teacher-rank)",
+            "skd (student-rank)", f"single ({best}, no transfer)"}
+    assert set(result["runs"]) == rows | singles
+    assert all(len(r) == 2 for r in result["runs"].values())
+    assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
+    l4 = os.path.join(out, "MRPC", "teachers", "L4")
+    assert result["runs"]["single (L4)"]["0"]["args"]["teachers"] == [l4]
+    assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
+    assert len(result["teacher_scores"]) == 7
+    assert set(result["ground_truth"]) == {"base", *bench.TEAM}
+    table = open(os.path.join(out, "MRPC-transfer.md")).read()
+    assert "| auto |" in table and "| auto (slr1) | " in table
+    assert os.path.getsize(os.path.join(out, "MRPC-transfer_distribution.png")) > 1000
+
+
+def test_bench_transfer_set_and_skd_rows(tiny_bench):
+    argv, out, result = tiny_bench
     transfer = os.path.join(out, "MRPC", "transfer", "MRPC.tsv")
-    rows = open(transfer).read().splitlines()  # the 8 training rows outside the 40: 6 of them, no labels
+    rows = open(transfer).read().splitlines()  # the 8 training rows outside the 40: 6 of them
     assert rows[0] == TEST_FORMATS["MRPC"][0] and len(rows) == 1 + 6
     args = lambda row: result["runs"][row]["0"]["args"]
     assert args("auto")["transfer"] == transfer and args("none")["transfer"] is None
+    best = max(result["teacher_scores"], key=result["teacher_scores"].get)
     assert args(f"single ({best}, no transfer)")["transfer"] == ""
     dirs = sorted(args("auto")["teachers"])
-    alone = [statistics.mean(glue_data.score(result["runs"][f"single ({os.path.basename(d)})"][s]["dev"])
-                             for s in "01") for d in dirs]
+    alone = []  # the students distilled from each teacher alone, mean over the seeds
+    for d in dirs:
+        runs = result["runs"][f"single ({os.path.basename(d)})"]
+        alone.append(statistics.mean(glue_data.score(runs[s]["dev"]) for s in "01"))
     assert args("skd (student-rank)")["weights"] == pytest.approx(distill.teacher_rank(alone))
-    assert set(result["learned"]["auto"]["vs"]) >= {"uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)"}
-    assert all(len(r) == 2 for r in result["runs"].values())
-    assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
-    assert result["runs"]["single (L4)"]["0"]["args"]["teachers"] == [os.path.join(out, "MRPC", "teachers", "L4")]
+    others = {"uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)"}
+    assert set(result["learned"]["auto"]["vs"]) >= others
+
+
+def test_bench_helpful_spread_and_learned_stats(tiny_bench):
+    argv, out, result = tiny_bench
     assert set(result["learned"]) == {"auto", "auto (slr1)"}
     learned = result["learned"]["auto"]
-    assert len(learned["reward"]) == 7 and len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
+    assert len(learned["reward"]) == 7
+    assert len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
     assert 0 <= learned["share"]["drawn"][0] <= 1 and 0 <= learned["share"]["every"][0] <= 1
-    assert set(result["ground_truth"]) == {"base", *bench.TEAM}
     helpful = ["base", "L6-s1", "L6-s2", "L4", "L3"]  # the spread of their students, by hand
     singles_dev = [[glue_data.score(result["runs"][f"single ({n})"][s]["dev"]) for s in "01"]
                    for n in helpful]
@@ -1341,11 +1374,32 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     spread = result["helpful_spread"]
     assert spread["best_minus_worst"] == pytest.approx(means.max() - means.min())
     assert spread["seed_sd"] == pytest.approx(pooled_sd)
-    # A rerun reuses every run; with the team listed in another order, each figure stays with its teacher.
-    argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"), "--seeds", "0", "1",
-            "--student_layers", "1", "--teacher_epochs", "1", "--epochs", "1", "--train_limit", "40",
-            "--lr", "1e-3", "--teacher_lr", "1e-3", "--out", out, "--variant", "slr1", "--sampler_lr 1"] + extra
+    table = open(os.path.join(out, "MRPC-transfer.md")).read()
+    assert f"best minus worst {100 * spread['best_minus_worst']:.1f} points" in table
+
+
+def test_bench_team_data_and_the_contradicting_teacher(tiny_bench):
+    argv, out, result = tiny_bench
+    folder = lambda n: os.path.join(out, "MRPC", "teachers", n)
+    teacher = lambda n: AutoModelForSequenceClassification.from_pretrained(folder(n)).eval()
+    ids = torch.tensor([[2, 7, 12, 3]])
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
+        contra = teacher("L6-contra")(**x).logits
+        assert torch.allclose(contra, teacher("L6-s1")(**x).logits.flip(-1))
+    read = lambda *path: open(os.path.join(out, "MRPC", *path, "MRPC", "train.tsv")).read()
+    shuffled = read("shuffled").splitlines()
+    limited = read("data").splitlines()
+    assert len(limited) == 41
+    assert sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+
+
+def test_bench_reuses_runs_whatever_the_team_order(tiny_bench):
+    """A rerun reuses every run; with the team listed in another order, each figure stays with its
+    teacher."""
+    import bench
     import unittest.mock
+    argv, out, result = tiny_bench
     with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.TEAM.items())))):
         bench.main(argv)
     again = json.load(open(os.path.join(out, "MRPC-transfer.json")))
@@ -1357,21 +1411,13 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
         assert first["phase1_p"] == pytest.approx([second["phase1_p"][i] for i in at])
         reward_second = [x for i in at for x in second["reward"][i]]
         assert [x for mse in first["reward"] for x in mse] == pytest.approx(reward_second)
-        assert [first[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")] == \
-               [second[k] for k in ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")]
-    assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
-    assert len(result["teacher_scores"]) == 7
-    teacher = lambda n: AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "MRPC", "teachers", n)).eval()
-    x = {"input_ids": torch.tensor([[2, 7, 12, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
-        assert torch.allclose(teacher("L6-contra")(**x).logits, teacher("L6-s1")(**x).logits.flip(-1))
-    table = open(os.path.join(out, "MRPC-transfer.md")).read()
-    assert "| auto |" in table and "| auto (slr1) | " in table
-    assert f"best minus worst {100 * spread['best_minus_worst']:.1f} points" in table
-    assert os.path.getsize(os.path.join(out, "MRPC-transfer_distribution.png")) > 1000
-    shuffled = open(str(tmp_path / "results" / "MRPC" / "shuffled" / "MRPC" / "train.tsv")).read().splitlines()
-    limited = open(str(tmp_path / "results" / "MRPC" / "data" / "MRPC" / "train.tsv")).read().splitlines()
-    assert len(limited) == 41 and sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
+        same = ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")
+        assert [first[k] for k in same] == [second[k] for k in same]
+
+
+def test_bench_pilot_and_selection(tiny_bench):
+    import bench
+    argv, out, result = tiny_bench
     bench.main(argv + ["--pilot"])
     pilot = open(os.path.join(out, "MRPC-pilot.md")).read()
     assert "| 2 layers |" in pilot and "| 4 layers |" in pilot
@@ -1379,9 +1425,10 @@ def test_bench_runs_every_strategy_and_reports(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(out, "MRPC", "pilot-L4-base", "metrics.json"))
     bench.main(argv + ["--selection"])  # the auto row's runs are reused; the team of three runs anew
     rows = json.load(open(os.path.join(out, "MRPC-selection.json")))
-    assert [(r["team"], r["seed"]) for r in rows] == [("team", 0), ("team", 1)] + [("three", s) for s in range(5)]
-    logged = json.load(open(os.path.join(out, "MRPC", "auto-seed0", "distribution.json")))["selection"]
-    assert list(rows[0]["teachers"].values()) == logged
+    teams = [(r["team"], r["seed"]) for r in rows]
+    assert teams == [("team", 0), ("team", 1)] + [("three", s) for s in range(5)]
+    logged = json.load(open(os.path.join(out, "MRPC", "auto-seed0", "distribution.json")))
+    assert list(rows[0]["teachers"].values()) == logged["selection"]
     assert all(sorted(r["teachers"]) == sorted(bench.THREE) for r in rows[2:])
     assert all(sum(t["kept"] for t in r["teachers"].values()) == 2 for r in rows[2:])
     assert "| three | 4 |" in open(os.path.join(out, "MRPC-selection.md")).read()
