@@ -480,12 +480,14 @@ def learned_tables(names, kinds, learned, n_seeds):
     ineffective = ", ".join(kinds[INEFFECTIVE])
     lines = ["", f"| run | `auto` minus `uniform` (dev score, per seed: mean ± sd) | `auto` minus "
              f"`ensemble` | {harmful} discarded | {ineffective} discarded | Kendall tau with the "
-             "ground truth, p after phase-1 / final p, per seed |", "|---|---|---|---|---|---|"]
+             "ground truth, p after phase-1 / final p, per seed | mean tau, p after phase-1 |",
+             "|---|---|---|---|---|---|---|"]
     for row, s in learned.items():
         taus = ", ".join(f"{x:+.2f} / {y:+.2f}" for x, y in zip(s["tau_phase1"], s["tau_final"]))
+        mean_tau = statistics.mean(s["tau_phase1"])
         lines.append(f"| {row} | {mean_sd(s['vs']['uniform'])} | {mean_sd(s['vs']['ensemble'])} | "
                      f"{s['harmful_discarded']}/{n_seeds} | "
-                     f"{s['ineffective_discarded']}/{n_seeds} | {taus} |")
+                     f"{s['ineffective_discarded']}/{n_seeds} | {taus} | {mean_tau:+.2f} |")
     lines += ["", f"| run | mean p after phase-1 ({', '.join(names)}) | phase-1 reward per "
               "teacher, mean ± standard error, pooled over seeds | harmful below every helpful "
               "teacher by (standard errors of the difference, least per seed) | Kendall tau of the "

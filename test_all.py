@@ -1376,6 +1376,9 @@ def test_bench_helpful_spread_and_learned_stats(tiny_bench):
     assert spread["seed_sd"] == pytest.approx(pooled_sd)
     table = open(os.path.join(out, "MRPC-transfer.md")).read()
     assert f"best minus worst {100 * spread['best_minus_worst']:.1f} points" in table
+    mean_tau = sum(learned["tau_phase1"]) / 2
+    last_seed = f"{learned['tau_phase1'][1]:+.2f} / {learned['tau_final'][1]:+.2f}"
+    assert f"{last_seed} | {mean_tau:+.2f} |" in table
 
 
 def test_bench_team_data_and_the_contradicting_teacher(tiny_bench):
