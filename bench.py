@@ -337,12 +337,9 @@ def teacher_argv(a, layers, seed, data_dir, out):
         argv += ["--student", a.base_teacher, "--epochs", str(a.base_teacher_epochs),
                  "--lr", str(a.base_teacher_lr)]
     else:
-        argv += ["--student", a.base_model, "--epochs", str(a.teacher_epochs),
-                 "--lr", str(a.teacher_lr)]
-    argv += ["--seed", str(seed), "--out_dir", out]
-    if layers is not None:
-        argv += ["--student_layers", str(layers)]
-    return argv
+        argv += ["--student", a.base_model, "--student_layers", str(layers),
+                 "--epochs", str(a.teacher_epochs), "--lr", str(a.teacher_lr)]
+    return argv + ["--seed", str(seed), "--out_dir", out]
 
 
 def contradict(src, dst, task):
@@ -825,12 +822,10 @@ def speed_run(argv):
     return out
 
 
-def speed_ratios(out):
-    """{ratio: (measured, target)}: each kind of step and run against plain fine-tuning (the mean
-    of its two runs), and peak memory with 8 teachers against 2."""
-    fine_tunes = ("fine-tune", "fine-tune again")
-    ft = statistics.mean(out[n]["final_step_s"] for n in fine_tunes)
-    ft_run = statistics.mean(out[n]["run_s"] for n in fine_tunes)
+def speed_ratios(out, ft):
+    """{ratio: (measured, target)}: each kind of step and run against plain fine-tuning (ft: its
+    step time, the mean of its two runs), and peak memory with 8 teachers against 2."""
+    ft_run = statistics.mean(out[n]["run_s"] for n in ("fine-tune", "fine-tune again"))
     auto = out["auto, 8 teachers"]
     step = out["auto, 8 teachers, step reward"]
     final = lambda name: out[name]["final_step_s"] / ft
@@ -852,8 +847,8 @@ def speed_ratios(out):
 
 def speed_report(a, data, dirs, out, fill_s):
     """results/speed-<device>.json and .md: every ratio against its target, every run."""
-    ratios = speed_ratios(out)
     ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
+    ratios = speed_ratios(out, ft)
     device = f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
     if DEVICE.type == "cuda":
         device = torch.cuda.get_device_name()
