@@ -461,7 +461,8 @@ def teacher_table(members, runs, scores, truth, spread):
              "alone | against `none` |", "|---|---|---|---|---|---|"]
     for n, (layers, _, kind) in members.items():
         alone = mean_sd(seed_scores(runs, f"single ({n})"))
-        lines.append(f"| {n} | {layers} | {kind} | {100 * scores[n]:.1f} | {alone} | "
+        depth = "all" if layers is None else layers  # the base-size teacher keeps all its layers
+        lines.append(f"| {n} | {depth} | {kind} | {100 * scores[n]:.1f} | {alone} | "
                      f"{100 * (truth[n] - none):+.1f} |")
     if spread["seed_sd"] is not None:
         lines += ["", f"The helpful teachers' students: best minus worst "
