@@ -850,9 +850,10 @@ def speed_report(a, data, dirs, out, fill_s):
     """results/speed-<device>.json and .md: every ratio against its target, every run."""
     ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
     ratios = speed_ratios(out, ft)
-    device = f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
     if DEVICE.type == "cuda":
         device = torch.cuda.get_device_name()
+    else:
+        device = f"{cpu_name()}, 1 thread of {os.cpu_count()} CPUs"
     tokenizer = AutoTokenizer.from_pretrained(dirs[0])
     enc_len = glue_data.lengths(glue_data.encode(tokenizer, data["train"], a.max_seq_len))
     shuffled = torch.Generator().manual_seed(0)
