@@ -205,7 +205,7 @@ def main(argv=None):
     if a.speed:
         return speed(a)
     members = team_members(a)
-    work, data_dir, dirs, team, scores = make_team(a, members, t0)
+    work, data_dir, dirs, team, scores, fit = make_team(a, members, t0)
     if a.selection:
         return selection(a, members, work, data_dir, dirs, t0)
     if a.pilot:
@@ -233,7 +233,7 @@ def main(argv=None):
     finished = list(team.values()) + list(done.values())
     run_s = sum(m["timings"]["total_s"] for m in finished)
     autos = {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"}
-    report(a, members, work, runs, autos, scores, time.time() - t0, run_s)
+    report(a, members, work, runs, autos, scores, fit, time.time() - t0, run_s)
 
 
 def bench_rows(a, members, dirs, scores):
@@ -294,7 +294,7 @@ def make_team(a, members, t0):
     the cache.
 
     Returns (work folder, data folder, teacher folders, {name: metrics.json of its training},
-    {name: dev score}).
+    {name: dev score}, {name: teacher_fit}).
     """
     work = os.path.join(a.out, a.task)
     data_dir = a.data_dir
@@ -325,7 +325,23 @@ def make_team(a, members, t0):
         data["transfer"] = glue_data.read_split(transfer, a.task, labelled=False)
         team_lib.load_team(dirs, a.task, data, a.max_seq_len, cache, DEVICE)
     scores = {n: glue_data.score(t.dev_metrics) for n, t in zip(members, loaded)}
-    return work, data_dir, dirs, team, scores
+    T = distill.parse_args(["--task", a.task]).temperature  # distill.py's, which the runs keep
+    labels = data["train"].labels
+    fit = {n: teacher_fit(t.train, labels, T) for n, t in zip(members, loaded)}
+    return work, data_dir, dirs, team, scores, fit
+
+
+def teacher_fit(logits, labels, T):
+    """How a teacher fits the labelled training examples, the pool the reward's held-out batches
+    come from: its accuracy, and the mean probability its soft targets at temperature T give the
+    right label (what a distillation step pulls the student toward). None for regression.
+    logits [N, C], labels [N]."""
+    if logits.shape[-1] == 1:
+        return None
+    y = torch.tensor(labels)  # [N]
+    right = kd.soft_targets(logits, T)[torch.arange(len(y)), y]  # [N]
+    accuracy = glue_data.accuracy(logits.argmax(-1).tolist(), labels)
+    return {"accuracy": accuracy, "right_label_p": float(right.mean())}
 
 
 def teacher_argv(a, layers, seed, data_dir, out):
@@ -365,7 +381,7 @@ def contradict(src, dst, task):
     os.replace(dst + ".tmp", dst)
 
 
-def report(a, members, work, runs, autos, scores, seconds, run_s):
+def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
     names = list(members)
     kinds = {kind: [n for n in names if members[n][2] == kind]
@@ -389,13 +405,14 @@ def report(a, members, work, runs, autos, scores, seconds, run_s):
     spread = helpful_spread(runs, truth, helpful)
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds,
-              "teacher_scores": scores, "ground_truth": truth, "helpful_spread": spread,
+              "teacher_scores": scores, "teacher_fit": fit, "ground_truth": truth,
+              "helpful_spread": spread,
               "runs": {row: {str(seed): m for seed, m in r.items()} for row, r in runs.items()},
               "learned": learned, "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     name = a.task + ("-transfer" if a.transfer else "")  # the setting's tables, beside the others
     write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
-    lines = strategy_table(a, runs) + teacher_table(members, runs, scores, truth, spread)
+    lines = strategy_table(a, runs) + teacher_table(members, runs, scores, fit, truth, spread)
     lines += learned_tables(names, kinds, learned, len(a.seeds))
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier "
@@ -454,16 +471,23 @@ def strategy_table(a, runs):
     return lines
 
 
-def teacher_table(members, runs, scores, truth, spread):
-    """Each teacher's own dev score and the student distilled from it alone (the ground truth)."""
+def teacher_table(members, runs, scores, fit, truth, spread):
+    """Each teacher's own dev score, its fit of the training labels, and the student distilled from
+    it alone (the ground truth)."""
     none = statistics.mean(seed_scores(runs, "none"))
-    lines = ["", "| teacher | layers | trained on | its own dev score | student distilled from it "
-             "alone | against `none` |", "|---|---|---|---|---|---|"]
+    lines = ["", "| teacher | layers | trained on | its own dev score | its training accuracy | "
+             "right label's mean probability in its soft targets (train) | student distilled "
+             "from it alone | against `none` |", "|---|---|---|---|---|---|---|---|"]
     for n, (layers, _, kind) in members.items():
         alone = mean_sd(seed_scores(runs, f"single ({n})"))
         depth = "all" if layers is None else layers  # the base-size teacher keeps all its layers
-        lines.append(f"| {n} | {depth} | {kind} | {100 * scores[n]:.1f} | {alone} | "
-                     f"{100 * (truth[n] - none):+.1f} |")
+        accuracy = "-"
+        right = "-"
+        if fit[n] is not None:
+            accuracy = f"{100 * fit[n]['accuracy']:.1f}"
+            right = f"{fit[n]['right_label_p']:.3f}"
+        lines.append(f"| {n} | {depth} | {kind} | {100 * scores[n]:.1f} | {accuracy} | {right} | "
+                     f"{alone} | {100 * (truth[n] - none):+.1f} |")
     if spread["seed_sd"] is not None:
         lines += ["", f"The helpful teachers' students: best minus worst "
                   f"{100 * spread['best_minus_worst']:.1f} points; seed standard deviation "

@@ -1473,6 +1473,23 @@ def test_bench_kendall_tau_and_gap_against_hand_worked_values():
     assert bench.gap_z(a, b, False) == pytest.approx((np.mean(a) - np.mean(b)) / se)
 
 
+def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
+    import bench
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.2]])
+    labels = [0, 0, 1]  # right, wrong, right
+    fit = bench.teacher_fit(logits, labels, 2.0)
+    # at T = 2 the right label's probability is 1 / (1 + exp(-(z_right - z_other) / 2))
+    right = [1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-0.1))]
+    assert fit["accuracy"] == pytest.approx(2 / 3)
+    assert fit["right_label_p"] == pytest.approx(sum(right) / 3)
+    assert bench.teacher_fit(torch.zeros(3, 1), [0.5, 1.0, 2.0], 2.0) is None  # regression
+    argv, out, result = tiny_bench
+    assert set(result["teacher_fit"]) == set(result["teacher_scores"])
+    table = open(os.path.join(out, "MRPC-transfer.md")).read()
+    base = result["teacher_fit"]["base"]
+    assert f"| {100 * base['accuracy']:.1f} | {base['right_label_p']:.3f} |" in table
+
+
 def test_bench_resumes_a_killed_run(workdir, monkeypatch):
     import bench
     real, calls = kd.kd_loss, []
