@@ -1485,6 +1485,9 @@ def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
     assert bench.teacher_fit(torch.zeros(3, 1), [0.5, 1.0, 2.0], 2.0) is None  # regression
     argv, out, result = tiny_bench
     assert set(result["teacher_fit"]) == set(result["teacher_scores"])
+    l6, contra = result["teacher_fit"]["L6-s1"], result["teacher_fit"]["L6-contra"]
+    assert contra["right_label_p"] == pytest.approx(1 - l6["right_label_p"])  # its outputs swapped
+    assert (40 * l6["accuracy"]) == pytest.approx(round(40 * l6["accuracy"]))  # the 40 train rows
     table = open(os.path.join(out, "MRPC-transfer.md")).read()
     base = result["teacher_fit"]["base"]
     assert f"| {100 * base['accuracy']:.1f} | {base['right_label_p']:.3f} |" in table
