@@ -403,16 +403,19 @@ def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
             vs[other] = [x - y for x, y in zip(mine, seed_scores(runs, other))]
         learned[row]["vs"] = vs
     spread = helpful_spread(runs, truth, helpful)
+    # how well the teachers' own dev scores (skd teacher-rank's p) rank them: beside auto's tau
+    score_tau = kendall_tau([truth[n] for n in names], [scores[n] for n in names])
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds,
               "teacher_scores": scores, "teacher_fit": fit, "ground_truth": truth,
-              "helpful_spread": spread,
+              "teacher_score_tau": score_tau, "helpful_spread": spread,
               "runs": {row: {str(seed): m for seed, m in r.items()} for row, r in runs.items()},
               "learned": learned, "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     name = a.task + ("-transfer" if a.transfer else "")  # the setting's tables, beside the others
     write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
-    lines = strategy_table(a, runs) + teacher_table(members, runs, scores, fit, truth, spread)
+    lines = strategy_table(a, runs)
+    lines += teacher_table(members, runs, scores, fit, truth, spread, score_tau)
     lines += learned_tables(names, kinds, learned, len(a.seeds))
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier "
@@ -471,9 +474,9 @@ def strategy_table(a, runs):
     return lines
 
 
-def teacher_table(members, runs, scores, fit, truth, spread):
+def teacher_table(members, runs, scores, fit, truth, spread, score_tau):
     """Each teacher's own dev score, its fit of the training labels, and the student distilled from
-    it alone (the ground truth)."""
+    it alone (the ground truth); score_tau: Kendall's tau of the dev scores with the ground truth."""
     none = statistics.mean(seed_scores(runs, "none"))
     lines = ["", "| teacher | layers | trained on | its own dev score | its training accuracy | "
              "right label's mean probability in its soft targets (train) | student distilled "
@@ -492,6 +495,8 @@ def teacher_table(members, runs, scores, fit, truth, spread):
         lines += ["", f"The helpful teachers' students: best minus worst "
                   f"{100 * spread['best_minus_worst']:.1f} points; seed standard deviation "
                   f"{100 * spread['seed_sd']:.1f} (pooled over those rows)."]
+    lines += ["", f"Kendall tau of the teachers' own dev scores with the ground truth: "
+              f"{score_tau:+.2f}."]
     return lines
 
 
@@ -607,7 +612,7 @@ def kendall_tau(x, y):
     """Kendall's tau-b of two lists of scores: (concordant - discordant pairs) / sqrt(pairs untied in x *
     pairs untied in y)."""
     pairs = [(x[i] - x[j], y[i] - y[j]) for i in range(len(x)) for j in range(i)]
-    s = sum((dx > 0) - (dx < 0) for dx in (a * b for a, b in pairs))
+    s = sum(int(d > 0) - int(d < 0) for d in (a * b for a, b in pairs))  # (numpy bools: int)
     nx = sum(a != 0 for a, _ in pairs)  # pairs untied in x
     ny = sum(b != 0 for _, b in pairs)
     return s / math.sqrt(nx * ny) if nx and ny else math.nan

@@ -1466,6 +1466,7 @@ def test_bench_kendall_tau_and_gap_against_hand_worked_values():
     assert bench.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((5 - 1) / 6)  # one discordant pair of 6
     assert bench.kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(5 * 6))  # tau-b, a tie in x
     assert bench.kendall_tau([3, 2, 1], [1, 2, 3]) == -1.0
+    assert bench.kendall_tau(np.array([1.0, 2.0, 3.0]), [1, 3, 2]) == pytest.approx(1 / 3)  # numpy
     a, b = [1.0, 2.0, 4.0, 3.0], [0.5, 1.0, 2.5, 3.5]
     d = np.array(a) - np.array(b)
     assert bench.gap_z(a, b, True) == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
@@ -1491,6 +1492,12 @@ def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
     table = open(os.path.join(out, "MRPC-transfer.md")).read()
     base = result["teacher_fit"]["base"]
     assert f"| {100 * base['accuracy']:.1f} | {base['right_label_p']:.3f} |" in table
+    names = list(result["ground_truth"])  # the dev scores' ranking against the ground truth
+    truth = [result["ground_truth"][n] for n in names]
+    scores = [result["teacher_scores"][n] for n in names]
+    tau = bench.kendall_tau(truth, scores)  # (nan where the tiny teachers all score alike)
+    assert result["teacher_score_tau"] == pytest.approx(tau, nan_ok=True)
+    assert f"with the ground truth: {result['teacher_score_tau']:+.2f}." in table
 
 
 def test_bench_resumes_a_killed_run(workdir, monkeypatch):
