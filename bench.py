@@ -8,7 +8,8 @@
 2. runs none, single (once per teacher: the ground truth of what each teacher is worth to this
    student), ensemble, uniform and auto for every seed, each through distill.main (no second
    implementation); a finished run is reused (one made with other flags stops the bench);
-3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the tables: does auto beat
+3. writes results/<TASK>.json (every seed's figures), results/<TASK>.md (the tables: each teacher's
+   dev score and fit of the training labels beside what it is worth to the student, does auto beat
    uniform and ensemble, does it discard the harmful teacher, does its p rank the teachers as the
    ground truth does, and how much teacher signal its reward carries) and
    results/<TASK>_distribution.png (AutoSKD's weights over phase-1 and phase-2, selection marked).
