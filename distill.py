@@ -472,7 +472,9 @@ class Reward:
     Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
     carries the direction h) scores the whole team on the same batch and the same held-out
     examples, and the sampler's baseline sum_j p_j r_j cancels what the batch adds to all of them.
-    h is measured anew every --probe_every steps, on the next held-out batch.
+    h is measured anew every --probe_every steps, on the next held-out batch. A known bias:
+    r_j - r_k is linear in the soft targets q_k - q_j, so of two teachers right as often the less
+    sure one scores less (one step sees the pull, not where a whole run ends; results/README.md).
     --reward step: the drawn teacher alone, the held-out loss before its step minus after it.
     """
 
