@@ -782,6 +782,9 @@ def padding(lengths, batch_size, generator=None):
     return sum(len(b) * int(lengths[b].max()) for b in order) / int(lengths.sum())
 
 
+FINE_TUNES = ("fine-tune", "fine-tune again")  # --speed's plain fine-tuning, first and last run
+
+
 def speed(a):
     """Step times, whole runs and memory of every kind of run, side by side on one machine."""
     t0 = time.time()
@@ -856,7 +859,7 @@ def speed_run(argv):
 def speed_ratios(out, ft):
     """{ratio: (measured, target)}: each kind of step and run against plain fine-tuning (ft: its
     step time, the mean of its two runs), and peak memory with 8 teachers against 2."""
-    ft_run = statistics.mean(out[n]["run_s"] for n in ("fine-tune", "fine-tune again"))
+    ft_run = statistics.mean(out[n]["run_s"] for n in FINE_TUNES)
     auto = out["auto, 8 teachers"]
     step = out["auto, 8 teachers, step reward"]
     final = lambda name: out[name]["final_step_s"] / ft
@@ -878,7 +881,7 @@ def speed_ratios(out, ft):
 
 def speed_report(a, data, dirs, out, fill_s):
     """results/speed-<device>.json and .md: every ratio against its target, every run."""
-    ft = statistics.mean(out[n]["final_step_s"] for n in ("fine-tune", "fine-tune again"))
+    ft = statistics.mean(out[n]["final_step_s"] for n in FINE_TUNES)
     ratios = speed_ratios(out, ft)
     if DEVICE.type == "cuda":
         device = torch.cuda.get_device_name()
