@@ -406,17 +406,19 @@ def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
     spread = helpful_spread(runs, truth, helpful)
     # how well the teachers' own dev scores (skd teacher-rank's p) rank them: beside auto's tau
     score_tau = kendall_tau([truth[n] for n in names], [scores[n] for n in names])
+    truth_tau = ground_truth_tau(runs, names)  # how far one seed's ground truth repeats
     result = {"task": a.task, "base_model": a.base_model, "student_layers": a.student_layers,
               "epochs": a.epochs, "train_limit": a.train_limit, "seeds": a.seeds,
               "teacher_scores": scores, "teacher_fit": fit, "ground_truth": truth,
-              "teacher_score_tau": score_tau, "helpful_spread": spread,
+              "teacher_score_tau": score_tau, "ground_truth_tau": truth_tau,
+              "helpful_spread": spread,
               "runs": {row: {str(seed): m for seed, m in r.items()} for row, r in runs.items()},
               "learned": learned, "wall_s": seconds, "runs_total_s": run_s, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     name = a.task + ("-transfer" if a.transfer else "")  # the setting's tables, beside the others
     write_text(os.path.join(a.out, f"{name}.json"), portable(json.dumps(result, indent=1)))
     lines = strategy_table(a, runs)
-    lines += teacher_table(members, runs, scores, fit, truth, spread, score_tau)
+    lines += teacher_table(members, runs, scores, fit, truth, spread, score_tau, truth_tau)
     lines += learned_tables(names, kinds, learned, len(a.seeds))
     lines += ["", f"This invocation: {seconds / 60:.0f} min wall time; the runs themselves took "
               f"{run_s / 60:.0f} min in all, {a.jobs} at a time (a run reused from an earlier "
@@ -453,6 +455,23 @@ def helpful_spread(runs, truth, helpful):
     return spread
 
 
+def ground_truth_tau(runs, names):
+    """How far the ground truth's ranking repeats from seed to seed: per seed, Kendall's tau of the
+    students distilled from each teacher alone with that seed against the mean of the other seeds'
+    (empty with one seed). It says how well even the measured ranking of one seed predicts the
+    others': a reference for auto's tau (a p learned with one seed), not a bound on it."""
+    per_seed = [seed_scores(runs, f"single ({n})") for n in names]  # [K][S]
+    n_seeds = len(per_seed[0])
+    if n_seeds < 2:
+        return []
+    taus = []
+    for s in range(n_seeds):
+        this_seed = [scores[s] for scores in per_seed]
+        others = [statistics.mean(scores[:s] + scores[s + 1:]) for scores in per_seed]
+        taus.append(kendall_tau(this_seed, others))
+    return taus
+
+
 def mean_sd(values):
     """'mean ± sd' of scores in %, sd 0 for one value."""
     sd = statistics.stdev(values) if len(values) > 1 else 0
@@ -475,9 +494,10 @@ def strategy_table(a, runs):
     return lines
 
 
-def teacher_table(members, runs, scores, fit, truth, spread, score_tau):
+def teacher_table(members, runs, scores, fit, truth, spread, score_tau, truth_tau):
     """Each teacher's own dev score, its fit of the training labels, and the student distilled from
-    it alone (the ground truth); score_tau: Kendall's tau of the dev scores with the ground truth."""
+    it alone (the ground truth); score_tau: Kendall's tau of the dev scores with the ground truth;
+    truth_tau: the ground truth's own, seed against the other seeds (ground_truth_tau)."""
     none = statistics.mean(seed_scores(runs, "none"))
     lines = ["", "| teacher | layers | trained on | its own dev score | its training accuracy | "
              "right label's mean probability in its soft targets (train) | student distilled "
@@ -498,6 +518,11 @@ def teacher_table(members, runs, scores, fit, truth, spread, score_tau):
                   f"{100 * spread['seed_sd']:.1f} (pooled over those rows)."]
     lines += ["", f"Kendall tau of the teachers' own dev scores with the ground truth: "
               f"{score_tau:+.2f}."]
+    if truth_tau:
+        shown = ", ".join(f"{t:+.2f}" for t in truth_tau)
+        lines += ["", f"Kendall tau of one seed's ground truth with the other seeds' mean, per "
+                  f"seed: {shown} (mean {statistics.mean(truth_tau):+.2f}): how far the ranking "
+                  f"itself repeats."]
     return lines
 
 

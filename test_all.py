@@ -1498,6 +1498,28 @@ def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
     tau = bench.kendall_tau(truth, scores)  # (nan where the tiny teachers all score alike)
     assert result["teacher_score_tau"] == pytest.approx(tau, nan_ok=True)
     assert f"with the ground truth: {result['teacher_score_tau']:+.2f}." in table
+    seeds = [[glue_data.score(result["runs"][f"single ({n})"][s]["dev"]) for n in names]
+             for s in "01"]  # two seeds: each one's "other seeds" are the other one
+    tau = bench.kendall_tau(seeds[0], seeds[1])
+    assert result["ground_truth_tau"] == pytest.approx([tau, tau], nan_ok=True)
+    assert f"other seeds' mean, per seed: {tau:+.2f}, {tau:+.2f}" in table
+
+
+def test_bench_ground_truth_tau_against_hand_worked_values():
+    import bench
+    # three teachers' students, seeds 0, 1, 2 (binary fractions: the means and their ties exact)
+    scores = {"a": [1, .5, .75], "b": [.75, .75, .5], "c": [.25, .375, .375]}
+    runs = {}  # {row: {seed: metrics}}, as bench.py keeps them
+    for name, per_seed in scores.items():
+        runs[f"single ({name})"] = {s: {"dev": {"dev": {"accuracy": x}}}
+                                    for s, x in enumerate(per_seed)}
+    # seed 0 ranks a > b > c; the others' means: a .625, b .625, c .375 (a tie in the second list)
+    # seed 1 ranks b > a > c; the others' means: a .875, b .625, c .3125
+    # seed 2 ranks a > b > c; the others' means: a .75, b .75, c .3125 (a tie again)
+    taus = bench.ground_truth_tau(runs, ["a", "b", "c"])
+    assert taus == pytest.approx([2 / math.sqrt(3 * 2), 1 / 3, 2 / math.sqrt(3 * 2)])
+    one_seed = {row: {0: r[0]} for row, r in runs.items()}
+    assert bench.ground_truth_tau(one_seed, ["a", "b", "c"]) == []
 
 
 def test_bench_resumes_a_killed_run(workdir, monkeypatch):
