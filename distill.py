@@ -12,10 +12,9 @@ sampler.update(k, reward), which moves theta_k alone. Under torchrun each rank t
 every batch, rewards are averaged over ranks so every rank draws the same teacher, rank 0 writes.
 """
 import argparse
-import json
+import functools
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 import glue_data
 import model as kd
@@ -105,16 +104,24 @@ def add_training_flags(p):
                    help="write the final student's test predictions for GLUE")
 
 def main(args):
-    t0 = time.time()
+    """The command: the data, the team (a --team recipe fine-tuned first when there is none), then
+    distil()."""
+    start = time.time()
     if finished_already(args):
         return
-    fetch_missing_data(args)
+    glue_data.fetch_missing(args.task, args.data_dir)
     data = glue_data.load_task(args.data_dir, args.task)
     transfer = load_transfer(args)
     test = {}
     if args.predict_test:  # read now: a bad row stops us before the training, not after it
         test = glue_data.load_task(args.data_dir, args.task, test=True)
-    names, base = resolve_team(args)
+    names, base = choose_team(args, data)
+    distil(args, data, names, base, transfer, test, start)
+
+def distil(args, data, names, base, transfer=None, test=None, start=None):
+    """Distil the student (base's bottom layers) from the teachers names on data {split: Examples}
+    with args.strategy, or fine-tune it (no teachers); save it with its results."""
+    start = start or time.time()
     check_skd_weights(args, names)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
@@ -127,15 +134,15 @@ def main(args):
         teacher_data = data | ({"transfer": transfer} if transfer else {})
         team = team_lib.load_team(names, args.task, teacher_data, args.max_seq_len,
                                   args.cache_dir, loop.device)
-    loop.timings["teachers_s"] = time.time() - t0
+    loop.timings["teachers_s"] = time.time() - start
     soft, sampler = setup(args, team, loop.device)
     student = autoskd(loop, base, soft, sampler, keep)
     student.eval()
     predictions = {}  # (every rank takes part)
-    for split, examples in test.items():
+    for split, examples in (test or {}).items():
         logits = team_lib.predict(student, tokenizer, examples, args.max_seq_len, loop.device)
         predictions[split] = glue_data.label_texts(args.task, logits)
-    loop.timings["total_s"] = time.time() - t0
+    loop.timings["total_s"] = time.time() - start
     if loop.rank == 0:  # rank 0 writes
         save(loop, student, team, sampler, predictions)
     if loop.world > 1:
@@ -297,10 +304,14 @@ class Loop:
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b, b.pop("idx")
 
+    def autocast(self):
+        """bf16 autocast on GPU; nothing on CPU."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+
     def logits(self, student, idx):
         """The student's outputs on the examples idx, [B, C] float32, and idx on the device [B]."""
         b, i = self.batch(idx)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():
             return student(**b).logits.float(), i
 
     def loss(self, student, idx, soft_k):
@@ -460,23 +471,71 @@ def differing_flags(these, those, free=FREE_FLAGS):
     return [k for k, v in these.items() if k not in free and those.get(k) != v]
 
 # ------------------------------------------------------------------------------- the reward
+# The reward as plain functions of a model and tensors: copy them into any training loop.
+# --reward lookahead (default): before a step, EVERY teacher j is scored on the step's batch by how
+# much a step of size lr on its soft targets would lower the held-out expected error E, to first
+# order. Teacher j's step is -lr * g_j, so with z [B, C] the batch's logits:
+#
+#     r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
+#
+# Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
+# carries the direction h) scores the whole team on the same batch and the same held-out examples,
+# and the sampler's baseline sum_j p_j r_j cancels what the batch adds to all of them. A known
+# bias: r_j - r_k is linear in the soft targets q_k - q_j, so of two teachers right as often the
+# less sure one scores less (one step sees the pull, not where a whole run ends; results/README.md).
+# --reward step: the drawn teacher alone, the held-out loss before its step minus after it.
+def heldout_grad(model, batch, labels):
+    """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),
+    dropout off, over the trainable weights: a list of tensors in model.parameters() order, each
+    with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use).
+    batch: {input name: [H, L]}; labels [H]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    logits = model(**batch).logits.float()  # [H, C]
+    dE_dz = kd.expected_error_grad(logits.detach(), labels)  # [H, C]
+    h = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
+    model.train(was_training)
+    return list(h)
+
+def lookahead_rewards(model, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
+    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch, [K] (see above). batch: {input name:
+    [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets (model.soft_targets); h from
+    heldout_grad; labelled [B] bool, False for transfer examples (None: all labelled)."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as in h
+    names = [n for n, _ in trained]
+    weights = tuple(p.detach() for _, p in trained)
+
+    def logits(*w):
+        return torch.func.functional_call(model, dict(zip(names, w)), kwargs=batch).logits.float()
+
+    was_training = model.training
+    model.eval()
+    # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
+    # attention kernels have no forward-mode derivative; the plain one computes the same.
+    with torch.autocast(weights[0].device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
+    model.train(was_training)
+    z = z.detach().requires_grad_()
+    dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
+    for soft_j in soft:
+        loss = kd.kd_loss(z, labels, soft_j, temperature, alpha, labelled)
+        dz.append(torch.autograd.grad(loss, z)[0])
+    return lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
+
+@torch.no_grad()
+def heldout_loss(model, batch, labels):
+    """The hard-label loss on held-out examples, dropout off (--reward step: before - after)."""
+    was_training = model.training
+    model.eval()
+    logits = model(**batch).logits.float()  # [H, C]
+    model.train(was_training)
+    return kd.kd_loss(logits, labels)
+
 class Reward:
-    """The reward of a phase-1/phase-2 step, measured on held-out TRAINING examples (never dev).
-
-    --reward lookahead (default): before the step, EVERY teacher j is scored on the step's batch by
-    how much a step of size lr on its soft targets would lower the held-out expected error E, to
-    first order. Teacher j's step is -lr * g_j, so with z [B, C] the batch's logits:
-
-        r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
-
-    Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
-    carries the direction h) scores the whole team on the same batch and the same held-out
-    examples, and the sampler's baseline sum_j p_j r_j cancels what the batch adds to all of them.
-    h is measured anew every --probe_every steps, on the next held-out batch. A known bias:
-    r_j - r_k is linear in the soft targets q_k - q_j, so of two teachers right as often the less
-    sure one scores less (one step sees the pull, not where a whole run ends; results/README.md).
-    --reward step: the drawn teacher alone, the held-out loss before its step minus after it.
-    """
+    """The loop's reward of a phase-1/phase-2 step, on held-out TRAINING examples (never dev): which
+    held-out batch serves (a new one every --probe_every steps, when h or the loss is measured
+    anew), and the mean over ranks; the values are the functions' above."""
 
     def __init__(self, loop, heldout, soft):
         self.loop = loop
@@ -500,17 +559,36 @@ class Reward:
     def before(self, student, idx, step, lr):
         """Before the step on the batch idx: h or the held-out loss, measured anew every
         --probe_every steps; lookahead: every teacher's r_j on this batch."""
-        if step % self.loop.args.probe_every == 0 or self.state is None:
-            measure = self.heldout_grad if self.is_lookahead else self.heldout_loss
-            self.state = measure(student, self.probe(step))
+        L = self.loop
+        a = L.args
+        if step % a.probe_every == 0 or self.state is None:
+            self.state = self.measure(student, self.probe(step)[L.rank::L.world])
         if self.is_lookahead:
-            self.values = self.lookahead(student, idx, self.state, lr).tolist()  # [K]
+            batch, i = L.batch(idx)
+            values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state,
+                                       lr, a.temperature, a.alpha, L.labelled[i])
+            self.values = L.reduce_mean(values, 1).tolist()  # [K], as DDP averages gradients
+
+    def measure(self, student, mine):
+        """h (lookahead) or the held-out loss (step) on this rank's held-out examples, averaged
+        over ranks."""
+        L = self.loop
+        batch, i = L.batch(mine)
+        with L.autocast():
+            if not self.is_lookahead:
+                return float(L.reduce_mean(heldout_loss(student, batch, L.labels[i]), len(mine)))
+            h = heldout_grad(student, batch, L.labels[i])
+        if L.world == 1:
+            return h  # (a flat copy and back would cost a fifth of this call)
+        flat = torch.cat([g.reshape(-1) for g in h])  # [P]: one all-reduce for all
+        mean = L.reduce_mean(flat, len(mine)).split([g.numel() for g in h])
+        return [v.view_as(g).clone() for v, g in zip(mean, h)]
 
     def after(self, student, step):
         """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step)."""
         if self.is_lookahead:
             return self.values
-        loss = self.heldout_loss(student, self.probe(step))
+        loss = self.measure(student, self.probe(step)[self.loop.rank::self.loop.world])
         reward = self.state - loss
         self.state = loss
         return reward
@@ -521,65 +599,10 @@ class Reward:
     def load_state_dict(self, d):
         self.state = d["state"]
 
-    @torch.no_grad()
-    def heldout_loss(self, student, idx):
-        """Hard-label loss on held-out examples, no dropout, averaged over ranks (a host sync)."""
-        L = self.loop
-        mine = idx[L.rank::L.world]
-        student.eval()
-        loss = L.loss(student, mine, None)
-        student.train()
-        return float(L.reduce_mean(loss, len(mine)))
-
-    def heldout_grad(self, student, idx):
-        """h: the gradient of the expected error on held-out examples (no dropout) over the
-        trainable weights, averaged over ranks: a list of tensors shaped as the weights, each with
-        a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use)."""
-        L = self.loop
-        mine = idx[L.rank::L.world]
-        params = [p for p in student.parameters() if p.requires_grad]
-        student.eval()
-        logits, i = L.logits(student, mine)
-        dE_dz = kd.expected_error_grad(logits.detach(), L.labels[i])  # [B, C]
-        grads = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
-        student.train()
-        if L.world == 1:
-            return list(grads)  # (a flat copy and back would cost a fifth of this call)
-        flat = torch.cat([g.reshape(-1) for g in grads])  # [P]: one all-reduce for all
-        h = L.reduce_mean(flat, len(mine)).split([p.numel() for p in params])
-        return [v.view_as(p).clone() for v, p in zip(h, params)]
-
-    def lookahead(self, student, idx, h, lr):
-        """Every teacher's r_j on the batch idx, [K] (see the class docstring)."""
-        L = self.loop
-        a = L.args
-        b, i = L.batch(idx)
-        trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # as in h
-        names = [n for n, _ in trained]
-        weights = tuple(p.detach() for _, p in trained)
-
-        def logits(*w):
-            out = torch.func.functional_call(student, dict(zip(names, w)), kwargs=b)
-            return out.logits.float()
-
-        student.eval()
-        # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The
-        # fused attention kernels have no forward-mode derivative; the plain one computes the same.
-        with torch.autocast(L.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-            z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
-        student.train()
-        z = z.detach().requires_grad_()
-        dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
-        for soft in self.soft:
-            loss = kd.kd_loss(z, L.labels[i], soft[i], a.temperature, a.alpha, L.labelled[i])
-            dz.append(torch.autograd.grad(loss, z)[0])
-        values = lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
-        return L.reduce_mean(values, 1)  # DDP averages the ranks' gradients alike
-
 # ------------------------------------------------------------------------------- inputs and outputs
-def resolve_team(args):
-    """Teacher checkpoints, sorted (a draw picks by position, so the order named decides nothing),
-    and the student's checkpoint. With no --teachers, the folders in teachers/<TASK>/, where the
+def choose_team(args, data):
+    """(teacher checkpoints, sorted: a draw picks by position, so the order named decides nothing;
+    the student's checkpoint). With no --teachers, the folders in teachers/<TASK>/, where the
     --team recipe is fine-tuned first when none are there (or its build was killed)."""
     if args.strategy == "none":
         if not args.student:
@@ -589,7 +612,8 @@ def resolve_team(args):
     folder = os.path.join("teachers", args.task)
     recipe = None
     if not args.teachers:
-        recipe = build_team(args, folder)
+        fine_tune_one = functools.partial(fine_tune, args, data)
+        recipe = team_lib.build_team(folder, args.team, args.task, fine_tune_one)
     names = sorted(args.teachers or team_lib.find_teachers(folder))
     if args.strategy == "single" and len(names) != 1:
         raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
@@ -600,85 +624,20 @@ def resolve_team(args):
         args.student_layers = args.student_layers or recipe.student_layers
         print(f"student: {recipe.student} (the {args.team or 'small'} team's)")
         return names, recipe.student
-    configs = [AutoConfig.from_pretrained(team_lib.local_folder(n)) for n in names]
-    base = next((c.base_model for c in configs if getattr(c, "base_model", None)), None)
-    if not base:
-        raise ValueError("the teachers do not record the checkpoint they were fine-tuned from: "
-                         "pass --student <name or folder>")
+    base = team_lib.recorded_base(names)
     print(f"student: {base} (the base model the teachers were fine-tuned from)")
     return names, base
 
-def build_team(args, folder):
-    """The recipe of the team in folder (team.json), its missing teachers fine-tuned first with this
-    project's own fine-tuning (--strategy none), each resumed if its run was killed; None when the
-    folder holds teachers made otherwise."""
-    team_file = os.path.join(folder, "team.json")
-    if os.path.isfile(team_file):
-        with open(team_file) as f:
-            name = json.load(f)["recipe"]
-        if args.team and args.team != name:
-            raise ValueError(f"{folder}/ holds the {name} team: pass --team {name}, "
-                             f"or --teachers DIR [DIR ...]")
-    elif team_lib.find_teachers(folder):
-        return None  # teachers made by hand
-    else:
-        name = args.team or "small"
-    if name not in team_lib.RECIPES:
-        raise ValueError(f"--team {name}: no such recipe (choose {' or '.join(team_lib.RECIPES)})")
-    recipe = team_lib.RECIPES[name]
-    done = [t for t in recipe.teachers if os.path.isfile(os.path.join(folder, t, "metrics.json"))]
-    todo = [t for t in recipe.teachers if t not in done]
-    if not todo:
-        return recipe
-    epochs = recipe.epochs(args.task)
-    print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers "
-          f"to fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
-    for t in recipe.teachers:
-        checkpoint, lr = recipe.teachers[t]
-        print(f"  {t}: {checkpoint}, lr {lr}" + ("" if t in todo else " (there)"))
-    for t in todo:  # every checkpoint reachable before hours go into the first
-        check_checkpoint(recipe.teachers[t][0], name)
-    os.makedirs(folder, exist_ok=True)
-    glue_data.write_json(team_file, {"recipe": name})
-    for t in todo:
-        fine_tune(args, recipe, t, os.path.join(folder, t))
-    return recipe
-
-def fine_tune(args, recipe, teacher, out):
-    """One teacher of a recipe fine-tuned into out by `--strategy none`, resumed if killed."""
-    checkpoint, lr = recipe.teachers[teacher]
+def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
+    """One teacher of a recipe: plain fine-tuning (--strategy none) of checkpoint into out, on the
+    data of the run args, resumed if killed."""
     argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none",
-            "--student", checkpoint, "--epochs", str(recipe.epochs(args.task)), "--lr", str(lr),
-            "--batch_size", str(recipe.batch_size), "--max_seq_len", str(args.max_seq_len),
+            "--student", checkpoint, "--epochs", str(epochs), "--lr", str(lr),
+            "--batch_size", str(batch_size), "--max_seq_len", str(args.max_seq_len),
             "--seed", str(args.seed), "--out_dir", out]
     resume = os.path.isfile(os.path.join(out, "resume.pt"))
     print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
-    main(parse_args(argv + ["--resume"] * resume))
-
-def check_checkpoint(checkpoint, team):
-    """Stop with one sentence when a recipe's checkpoint cannot be had (offline, say)."""
-    try:
-        AutoConfig.from_pretrained(checkpoint)
-        AutoTokenizer.from_pretrained(checkpoint)
-    except OSError as e:
-        reason = str(e).splitlines()[0]
-        raise ValueError(f"could not download {checkpoint} for the {team} team ({reason}): check "
-                         f"the connection, or pass your own team with --teachers DIR [DIR ...] "
-                         f"and --student") from None
-
-def fetch_missing_data(args):
-    """Write <data_dir>/<TASK> from the hub's GLUE copy when it is missing, as glue_data.py
-    --download does (under torchrun rank 0 writes it; the other ranks wait for the folder)."""
-    glue_data.get_task(args.task)  # an unknown task: refused before anything is fetched
-    folder = os.path.join(args.data_dir, args.task)
-    if os.path.isdir(folder):
-        return
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"no {args.task} data in {folder}: writing it from the hub's GLUE copy "
-              f"({glue_data.HUB})")
-        glue_data.download([args.task], args.data_dir)
-    while not os.path.isdir(folder):
-        time.sleep(1)
+    distil(parse_args(argv + ["--resume"] * resume), data, [], checkpoint)
 
 def load_transfer(args):
     """The transfer set (Examples without labels), or None. `none` has no teacher to label it."""
@@ -708,7 +667,7 @@ def save(loop, student, team, sampler, test):
     each written whole or not at all."""
     a = loop.args
     out = a.out_dir
-    save_student(student, loop.tokenizer, out)
+    kd.save_student(student, loop.tokenizer, out)
     dev = loop.history[-1]["dev"]
     names = [t.name for t in team]
     final = sampler.probs().tolist() if sampler else [1 / len(team) for _ in team]
@@ -722,7 +681,7 @@ def save(loop, student, team, sampler, test):
         glue_data.write_json(os.path.join(out, "distribution.json"), distribution)
         shown = [f"{name} {p:.3f}" for name, p in zip(names, final)]
         print("final distribution: " + ", ".join(shown))
-    card = model_card(a, student, dev, names, final)
+    card = kd.model_card(a, student, dev, names, final)
     glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
     for split, labels in test.items():  # the GLUE server's format: MNLI-m.tsv, RTE.tsv, ...
         path = os.path.join(out, glue_data.test_files(a.task)[split] + ".tsv")
@@ -733,51 +692,6 @@ def save(loop, student, team, sampler, test):
         os.remove(loop.resume_path)  # the run is complete
     score = glue_data.score(dev)
     print(f"done in {loop.timings['total_s']:.0f}s: dev score {score:.4f}; wrote {out}")
-
-def save_student(student, tokenizer, out):
-    """The student's files into out, written beside and moved in: a full disk leaves the student
-    there before, if any, whole."""
-    tmp = os.path.join(out, ".student.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the student to {out} ({e}); "
-                      f"the files there are unchanged") from None
-    for f in os.listdir(tmp):
-        os.replace(os.path.join(tmp, f), os.path.join(out, f))
-    os.rmdir(tmp)
-
-def model_card(a, student, dev, teachers, final):
-    """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was
-    distilled."""
-    from huggingface_hub import EvalResult, ModelCardData  # comes with transformers
-    base = student.config.base_model
-    name = os.path.basename(os.path.normpath(a.out_dir))
-    splits = {ours: hub for hub, ours in glue_data.HUB_SPLITS.items()}  # dev -> validation, ...
-    results = []
-    for split, metrics in dev.items():
-        for metric, value in metrics.items():
-            results.append(EvalResult(
-                task_type="text-classification", dataset_type=glue_data.HUB,
-                dataset_name=f"GLUE {a.task}", dataset_config=glue_data.HUB_TASKS[a.task][0],
-                dataset_split=splits[split], metric_type=metric, metric_value=round(value, 4)))
-    front = ModelCardData(
-        model_name=name, eval_results=results, base_model=None if os.path.isabs(base) else base,
-        datasets=[glue_data.HUB], tags=["knowledge-distillation", "autoskdbert"],
-        library_name="transformers", pipeline_tag="text-classification").to_yaml()
-    shares = [f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)]
-    team = ", ".join(shares) or "none"
-    layers = student.config.num_hidden_layers
-    return (f"---\n{front}\n---\n\n# {name}\n\n"
-            f"The bottom {layers} transformer layer(s) of `{os.path.basename(base)}`, trained on "
-            f"GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy "
-            f"{a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
-            f"lr {a.lr}, seed {a.seed}).\n\n"
-            f"Teachers, with the final sampling distribution: {team}.\n\n"
-            f"Dev: {glue_data.show(dev)}.\n")
 
 if __name__ == "__main__":
     arguments = parse_args()

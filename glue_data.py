@@ -7,12 +7,17 @@ The paper evaluates on the GLUE benchmark (Wang et al., 2019), in the usual down
 which this module writes from the public GLUE copy on the Hugging Face hub (needs `datasets`):
 
     python glue_data.py --download RTE MRPC [--data_dir glue_data]
+
+Here: each task's published columns (Task, read_split), tokens and batches sorted by length
+(encode, collate, batches), the official metrics (compute_metrics), files written whole
+(write_atomic), and the download (download, or fetch_missing for a task not there yet).
 """
 import argparse
 import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -360,6 +365,19 @@ def download(tasks, data_dir, load_dataset=None):
         for f in os.listdir(part):  # downloaded again: file by file
             os.replace(os.path.join(part, f), os.path.join(folder, f))
         os.rmdir(part)
+
+def fetch_missing(task_name, data_dir):
+    """Write <data_dir>/<TASK> from the hub's GLUE copy when it is missing (under torchrun rank 0
+    writes it; the other ranks wait for the folder)."""
+    get_task(task_name)  # an unknown task: refused before anything is fetched
+    folder = os.path.join(data_dir, task_name)
+    if os.path.isdir(folder):
+        return
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"no {task_name} data in {folder}: writing it from the hub's GLUE copy ({HUB})")
+        download([task_name], data_dir)
+    while not os.path.isdir(folder):
+        time.sleep(1)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(

@@ -14,6 +14,7 @@ with the hard labels (Hinton et al.'s KD loss). Here:
               TinyBERT distil on): the soft part alone, T^2 * KL or MSE(student, teacher).
 """
 import os
+import shutil
 import zipfile
 
 import torch
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open  # comes with transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+import glue_data
 
 transformers.logging.set_verbosity_error()  # the dropped layers and the new head are expected
 transformers.logging.disable_progress_bar()
@@ -118,3 +121,49 @@ def expected_error_grad(logits, labels):
     p_right = p.masked_fill(~right, 0).sum(-1, keepdim=True)  # [B, 1]
     p_wrong = p.masked_fill(right, 0).sum(-1, keepdim=True)  # [B, 1]
     return torch.where(right, -p * p_wrong, p * p_right) / n
+
+# ------------------------------------------------------------------------- the student's files
+def save_student(student, tokenizer, out):
+    """The student's files into out, written beside and moved in: a full disk leaves the student
+    there before, if any, whole."""
+    tmp = os.path.join(out, ".student.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the student to {out} ({e}); "
+                      f"the files there are unchanged") from None
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    os.rmdir(tmp)
+
+def model_card(a, student, dev, teachers, final):
+    """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was
+    distilled."""
+    from huggingface_hub import EvalResult, ModelCardData  # comes with transformers
+    base = student.config.base_model
+    name = os.path.basename(os.path.normpath(a.out_dir))
+    splits = {ours: hub for hub, ours in glue_data.HUB_SPLITS.items()}  # dev -> validation, ...
+    results = []
+    for split, metrics in dev.items():
+        for metric, value in metrics.items():
+            results.append(EvalResult(
+                task_type="text-classification", dataset_type=glue_data.HUB,
+                dataset_name=f"GLUE {a.task}", dataset_config=glue_data.HUB_TASKS[a.task][0],
+                dataset_split=splits[split], metric_type=metric, metric_value=round(value, 4)))
+    front = ModelCardData(
+        model_name=name, eval_results=results, base_model=None if os.path.isabs(base) else base,
+        datasets=[glue_data.HUB], tags=["knowledge-distillation", "autoskdbert"],
+        library_name="transformers", pipeline_tag="text-classification").to_yaml()
+    shares = [f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)]
+    team = ", ".join(shares) or "none"
+    layers = student.config.num_hidden_layers
+    return (f"---\n{front}\n---\n\n# {name}\n\n"
+            f"The bottom {layers} transformer layer(s) of `{os.path.basename(base)}`, trained on "
+            f"GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy "
+            f"{a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
+            f"lr {a.lr}, seed {a.seed}).\n\n"
+            f"Teachers, with the final sampling distribution: {team}.\n\n"
+            f"Dev: {glue_data.show(dev)}.\n")

@@ -9,6 +9,7 @@ length. A training step reads its teacher's soft targets from a tensor instead o
 import gc
 import hashlib
 import itertools
+import json
 import os
 from dataclasses import dataclass
 
@@ -63,6 +64,64 @@ RECIPES = {
                     epochs=lambda task: 10 if task in ("MRPC", "RTE") else 3,
                     student="google-bert/bert-base-uncased", student_layers=6),
 }
+
+def build_team(folder, team, task_name, fine_tune):
+    """The recipe of the team in folder (its team.json), its missing teachers fine-tuned first, each
+    by fine_tune(teacher, checkpoint, lr, epochs, batch_size, out_folder), which goes on from a
+    killed run; None when the folder holds teachers made otherwise. team: the recipe asked for
+    (None: the one there, or small)."""
+    team_file = os.path.join(folder, "team.json")
+    if os.path.isfile(team_file):
+        with open(team_file) as f:
+            name = json.load(f)["recipe"]
+        if team and team != name:
+            raise TeamError(f"{folder}/ holds the {name} team: pass --team {name}, "
+                            f"or --teachers DIR [DIR ...]")
+    elif find_teachers(folder):
+        return None  # teachers made by hand
+    else:
+        name = team or "small"
+    if name not in RECIPES:
+        raise TeamError(f"--team {name}: no such recipe (choose {' or '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    done = [t for t in recipe.teachers if os.path.isfile(os.path.join(folder, t, "metrics.json"))]
+    todo = [t for t in recipe.teachers if t not in done]
+    if not todo:
+        return recipe
+    epochs = recipe.epochs(task_name)
+    print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers "
+          f"to fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
+    for t in recipe.teachers:
+        checkpoint, lr = recipe.teachers[t]
+        print(f"  {t}: {checkpoint}, lr {lr}" + ("" if t in todo else " (there)"))
+    for t in todo:  # every checkpoint reachable before hours go into the first
+        check_checkpoint(recipe.teachers[t][0], name)
+    os.makedirs(folder, exist_ok=True)
+    glue_data.write_json(team_file, {"recipe": name})
+    for t in todo:
+        checkpoint, lr = recipe.teachers[t]
+        fine_tune(t, checkpoint, lr, epochs, recipe.batch_size, os.path.join(folder, t))
+    return recipe
+
+def check_checkpoint(checkpoint, team):
+    """Stop with one sentence when a recipe's checkpoint cannot be had (offline, say)."""
+    try:
+        AutoConfig.from_pretrained(checkpoint)
+        AutoTokenizer.from_pretrained(checkpoint)
+    except OSError as e:
+        reason = str(e).splitlines()[0]
+        raise TeamError(f"could not download {checkpoint} for the {team} team ({reason}): check "
+                        f"the connection, or pass your own team with --teachers DIR [DIR ...] "
+                        f"and --student") from None
+
+def recorded_base(names):
+    """The checkpoint the teachers were fine-tuned from, as the first that records one says."""
+    configs = [AutoConfig.from_pretrained(local_folder(n)) for n in names]
+    base = next((c.base_model for c in configs if getattr(c, "base_model", None)), None)
+    if not base:
+        raise TeamError("the teachers do not record the checkpoint they were fine-tuned from: "
+                        "pass --student <name or folder>")
+    return base
 
 def find_teachers(root):
     """Every checkpoint folder (one holding config.json) directly under root, sorted by name."""

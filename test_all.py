@@ -867,13 +867,13 @@ def test_model_card_front_matter_survives_yaml_characters():
     config = types.SimpleNamespace(base_model="org/base: v1 #2", num_hidden_layers=2)
     args = distill.parse_args(["--task", "MNLI", "--out_dir", "runs/a: b #c"])
     dev = {"dev_matched": {"accuracy": 0.5}, "dev_mismatched": {"accuracy": 0.25}}
-    card = distill.model_card(args, types.SimpleNamespace(config=config), dev, ["t/x"], [1.0])
+    card = kd.model_card(args, types.SimpleNamespace(config=config), dev, ["t/x"], [1.0])
     front = yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
     assert front["base_model"] == "org/base: v1 #2" and front["model-index"][0]["name"] == "a: b #c"
     assert [(r["dataset"]["split"], r["metrics"][0]["value"]) for r in front["model-index"][0]["results"]] == [
         ("validation_matched", 0.5), ("validation_mismatched", 0.25)]
     config.base_model = os.path.abspath("some/folder")
-    card = distill.model_card(args, types.SimpleNamespace(config=config), dev, [], [])
+    card = kd.model_card(args, types.SimpleNamespace(config=config), dev, [], [])
     assert "base_model" not in yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
 
 def test_single_teacher_and_seeded_repeat(workdir):
@@ -1086,7 +1086,12 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     torch.manual_seed(1)
     soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
     heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-6
-    reward = distill.Reward(loop, torch.tensor(heldout), soft)
+    held, batch = loop.batch(heldout)[0], loop.batch(idx)[0]
+
+    def lookahead(h):  # the plain functions, as any loop calls them
+        r = distill.lookahead_rewards(student, batch, loop.labels[idx], soft[:, idx], h, lr, 2.0, 0.5)
+        return r.double().numpy()
+
     for trained in (False, True):
         if trained:
             opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
@@ -1094,8 +1099,10 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
                 loop.loss(student, list(range(32)), None).backward()
                 opt.step()
                 opt.zero_grad()
-        h = reward.heldout_grad(student, heldout)
-        predicted = reward.lookahead(student, idx, h, lr).double().numpy()
+        student.train(trained)  # either mode: the functions switch dropout off and restore the mode
+        h = distill.heldout_grad(student, held, loop.labels[heldout])
+        predicted = lookahead(h)
+        assert student.training == trained
         # The real drop is lr <h, g_j> + O(lr^2); Richardson's step 2 d(lr) - d(2 lr) / 2 cancels the
         # lr^2 term and leaves the first-order drop the reward claims to be, up to O(lr^3).
         once, h_exact, g_norms = real_steps(loop, student, soft, idx, heldout, lr)
@@ -1118,7 +1125,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
         assert np.all(np.abs(predicted[1:] - predicted[0] - gaps) <= tol[1:] + tol[0]), trained
     with torch.no_grad():  # weights no input uses change nothing
         student.bert.embeddings.word_embeddings.weight[4] += 1e4  # [MASK]'s row
-    assert np.array_equal(reward.lookahead(student, idx, h, lr).double().numpy(), predicted)
+    assert np.array_equal(lookahead(h), predicted)
 
 
 def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
