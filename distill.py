@@ -1,15 +1,14 @@
-"""AutoSKDBERT ("Learn to Stochastically Distill BERT"): the training loop.
+"""AutoSKDBERT ("Learn to Stochastically Distill BERT"): the procedure, the loop, the reward.
 
     python distill.py --task RTE      # phase-1, teacher selection, phase-2, the final student
     python distill.py --task RTE --strategy none --student <name or folder> --out_dir <folder>
     torchrun --nproc_per_node=N distill.py --task RTE   # data-parallel: nccl on GPUs, gloo on CPUs
 
-The second command fine-tunes one teacher of a team. Read from main(): data, team, each strategy's
-teaching (setup), then autoskd(): phase-1, teacher selection, phase-2 and the final student.
-A step (Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step,
-the reward (class Reward, on held-out TRAINING examples; dev is for reporting only), and
-sampler.update(k, reward), which moves theta_k alone. Under torchrun each rank takes a share of
-every batch, rewards are averaged over ranks so every rank draws the same teacher, rank 0 writes.
+The second command fine-tunes one teacher. Read from main(): the data, the team, each strategy's
+teaching (setup), then autoskd(): phase-1, teacher selection, phase-2, the final student. A step
+(Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step, the
+reward on held-out TRAINING examples (heldout_grad, lookahead_rewards: plain functions of a model
+and tensors; dev is for reporting only), and sampler.update(k, reward), which moves theta_k alone.
 """
 import argparse
 import functools
@@ -27,7 +26,7 @@ from transformers import AutoTokenizer
 import glue_data
 import model as kd
 import teachers as team_lib
-from sampler import TeacherSampler, check_keep
+from sampler import TeacherSampler, check_keep, check_weights
 
 STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
@@ -36,16 +35,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
     p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
-    p.add_argument("--teachers", nargs="+",
-                   help="teacher checkpoints (default: every folder in teachers/<TASK>/)")
+    p.add_argument("--teachers", nargs="+", help="teacher checkpoints (default: teachers/<TASK>/*)")
     p.add_argument("--team", help="with no teachers in teachers/<TASK>/, the recipe fine-tuned "
                    "there first: small (default; minutes on a CPU) or paper (a GPU's hours)")
-    p.add_argument("--student",
-                   help="pretrained checkpoint (default: the base model the teachers record)")
-    p.add_argument("--student_layers", type=int, help="keep this many bottom layers (default: all)")
+    p.add_argument("--student", help="pretrained checkpoint (default: the teachers' base model)")
+    p.add_argument("--student_layers", type=int, help="the bottom layers kept (default: all)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    p.add_argument("--keep", type=int,
-                   help="teachers kept by selection (default: half the team, rounded up)")
+    p.add_argument("--keep", type=int, help="teachers selection keeps (default: half, rounded up)")
     p.add_argument("--weights", type=float, nargs="+", help="--strategy skd: p over the sorted "
                    "team (default: teacher-rank, from the teachers' dev scores)")
     p.add_argument("--transfer", help="unlabelled examples in the task's test-file format, "
@@ -75,33 +71,23 @@ def add_training_flags(p):
     p.add_argument("--phase1_epochs", type=int, default=1)
     p.add_argument("--phase2_epochs", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="student learning rate (AdamW, linear decay)")
+    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (AdamW)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
-    p.add_argument("--sampler_lr", type=float, default=0.1,
-                   help="learning rate of the teacher weights")
+    p.add_argument("--sampler_lr", type=float, default=0.1, help="lr of the teacher weights")
     p.add_argument("--sampler_warmup", type=int, default=0,
                    help="first steps whose rewards only set the baseline")
-    p.add_argument("--heldout", type=float, default=0.1,
-                   help="fraction of train held out for the reward")
-    p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"),
-                   help="see class Reward")
-    p.add_argument("--probe_every", type=int, default=4,
-                   help="steps sharing one held-out reward batch")
-    p.add_argument("--probe_size", type=int,
-                   help="examples in a held-out reward batch (default: --batch_size)")
+    p.add_argument("--heldout", type=float, default=0.1, help="train's share held out for rewards")
+    p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"))
+    p.add_argument("--probe_every", type=int, default=4, help="steps sharing a held-out batch")
+    p.add_argument("--probe_size", type=int, help="held-out batch size (default: --batch_size)")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", help="where results and the student go "
-                   "(default: runs/<TASK>-<strategy>-seed<N>)")
+    p.add_argument("--out_dir", help="outputs (default: runs/<TASK>-<strategy>-seed<N>)")
     p.add_argument("--cache_dir", default="cache", help="where teacher outputs are cached")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run from <out_dir>/resume.pt")
-    p.add_argument("--save_every", type=int, default=500,
-                   help="steps between resume checkpoints (and every epoch end)")
-    p.add_argument("--predict_test", action="store_true",
-                   help="write the final student's test predictions for GLUE")
+    p.add_argument("--resume", action="store_true", help="go on from <out_dir>/resume.pt")
+    p.add_argument("--save_every", type=int, default=500, help="steps between resume checkpoints")
+    p.add_argument("--predict_test", action="store_true", help="write test predictions for GLUE")
 
 def main(args):
     """The command: the data, the team (a --team recipe fine-tuned first when there is none), then
@@ -109,19 +95,26 @@ def main(args):
     start = time.time()
     if finished_already(args):
         return
-    glue_data.fetch_missing(args.task, args.data_dir)
-    data = glue_data.load_task(args.data_dir, args.task)
-    transfer = load_transfer(args)
-    test = {}
-    if args.predict_test:  # read now: a bad row stops us before the training, not after it
-        test = glue_data.load_task(args.data_dir, args.task, test=True)
+    data, transfer, test = read_data(args)
     names, base = choose_team(args, data)
     distil(args, data, names, base, transfer, test, start)
 
-def distil(args, data, names, base, transfer=None, test=None, start=None):
-    """Distil the student (base's bottom layers) from the teachers names on data {split: Examples}
-    with args.strategy, or fine-tune it (no teachers); save it with its results."""
-    start = start or time.time()
+def read_data(args):
+    """(train and dev {split: Examples}, the transfer set or None, the test splits with
+    --predict_test): every file read before anything long starts, so a bad row stops us at once."""
+    glue_data.fetch_missing(args.task, args.data_dir)
+    data = glue_data.load_task(args.data_dir, args.task)
+    transfer = None
+    if args.transfer and args.strategy == "none":
+        print(f"note: --strategy none has no teacher to label {args.transfer}; it is not used")
+    elif args.transfer:
+        transfer = glue_data.read_split(args.transfer, args.task, labelled=False)
+    test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}
+    return data, transfer, test
+
+def distil(args, data, names, base, transfer, test, start):
+    """Distil base's bottom layers from the teachers names with args.strategy (no teachers:
+    fine-tune), predict the test splits {split: Examples}, save all; start: time.time() at start."""
     check_skd_weights(args, names)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
@@ -139,7 +132,7 @@ def distil(args, data, names, base, transfer=None, test=None, start=None):
     student = autoskd(loop, base, soft, sampler, keep)
     student.eval()
     predictions = {}  # (every rank takes part)
-    for split, examples in (test or {}).items():
+    for split, examples in test.items():
         logits = team_lib.predict(student, tokenizer, examples, args.max_seq_len, loop.device)
         predictions[split] = glue_data.label_texts(args.task, logits)
     loop.timings["total_s"] = time.time() - start
@@ -152,19 +145,18 @@ def finished_already(args):
     """--resume of a run that had finished: nothing to do, and its results are left alone."""
     metrics = os.path.join(args.out_dir, "metrics.json")
     resumable = os.path.isfile(os.path.join(args.out_dir, "resume.pt"))
-    if args.resume and os.path.isfile(metrics) and not resumable:
+    finished = args.resume and os.path.isfile(metrics) and not resumable
+    if finished:
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; "
               f"its results are left as they are")
-        return True
-    return False
+    return finished
 
 def setup(args, team, device):
     """Each strategy's teaching, in one place: (soft targets [K, N, C] or None, sampler or None).
     A step distils from soft[k], k drawn from the sampler (k = 0 without one)."""
     if not team:
         return None, None  # none: the labels alone
-    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team])  # [K, N, C]
-    soft = soft.to(device)
+    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]).to(device)
     if args.strategy == "ensemble":
         return soft.mean(0, keepdim=True), None  # the team's mean soft targets, at every step
     if args.strategy == "single":
@@ -203,29 +195,16 @@ def autoskd(loop, base, soft, sampler, keep):
         student, opt, sched = loop.new_student(base, epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
         sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
-        show_selection(sampler)
+        sampler.show_selection()
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
     # The final student: p frozen, no reward.
     student, opt, sched = loop.new_student(base, a.epochs, len(everything))
     loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)
     return student
 
-def show_selection(sampler):
-    """Each teacher's phase-1 evidence, its p after phase-1 and what selection made of it."""
-    print("teacher selection by mean phase-1 advantage (reward: mean ± standard error, n steps):")
-    for t in sampler.record()["selection"]:
-        verdict = "kept     " if t["kept"] else "discarded"
-        if t["n"] == 0:
-            print(f"  {verdict} {t['teacher']}: never measured, p {t['p']:.3f}")
-            continue
-        se = f"{t['reward_se']:.1e}" if t["reward_se"] is not None else "-"
-        reward = f"{t['reward']:+.3e} ± {se} (n {t['n']})"
-        print(f"  {verdict} {t['teacher']}: reward {reward}, p {t['p']:.3f}")
-
 # ------------------------------------------------------------------------------- the training loop
 def warmup_then_decay(step, warmup, total):
-    """The learning rate's factor: linear warm-up (non-zero from the first step), then a linear
-    decay to 0 at total."""
+    """The lr's factor: linear warm-up (non-zero from step 0), then linear decay to 0 at total."""
     return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
 def init_distributed():
@@ -233,23 +212,11 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world == 1:
-        return device, 0, 1
-    if not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world
-
-def check_writable(out_dir, rank):
-    """Write a file there: permission bits say nothing to root or on a read-only disk."""
-    probe = os.path.join(out_dir, f".write_test{rank}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out_dir {out_dir} is not writable ({e.strerror})") from None
+    return device, dist.get_rank() if world > 1 else 0, world
 
 class Loop:
     """What every phase shares: the task's data, encoded once for the student, the device, ranks."""
@@ -272,14 +239,13 @@ class Loop:
         self.labelled = torch.arange(len(examples), device=self.device) < len(train)  # [N + M]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.timings = {}  # timings (since this process started) go to metrics.json
-        check_writable(args.out_dir, self.rank)
+        glue_data.check_writable(args.out_dir, self.rank)
         self.resume_path = os.path.join(args.out_dir, "resume.pt")
         self.resume = self.load_checkpoint() if args.resume else None
         self.history = self.resume["history"] if self.resume else []  # dev metrics, every epoch
 
     def new_student(self, base, epochs, n_train):
-        """A fresh student, its AdamW and schedule; self.net is what a step calls (under torchrun,
-        DDP)."""
+        """A fresh student, its AdamW and its schedule; a step calls self.net (torchrun: DDP)."""
         a = self.args
         torch.manual_seed(a.seed)  # the new head and dropout repeat with the seed
         labels = glue_data.get_task(a.task).labels
@@ -308,28 +274,28 @@ class Loop:
         """bf16 autocast on GPU; nothing on CPU."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def logits(self, student, idx):
-        """The student's outputs on the examples idx, [B, C] float32, and idx on the device [B]."""
-        b, i = self.batch(idx)
-        with self.autocast():
-            return student(**b).logits.float(), i
-
     def loss(self, student, idx, soft_k):
         """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (the
         labels alone)."""
         a = self.args
-        logits, i = self.logits(student, idx)
+        b, i = self.batch(idx)
+        with self.autocast():
+            logits = student(**b).logits.float()  # [B, C]
         targets = soft_k[i] if soft_k is not None else None
         return kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
 
     def reduce_mean(self, value, n):
-        """Mean over ranks of a per-rank mean (a tensor of any shape) of n examples."""
+        """Mean over ranks of a per-rank mean of n examples: a tensor of any shape, or a list of
+        them (one all-reduce for all)."""
         if self.world == 1:
             return value
-        count = torch.tensor([float(n)], device=value.device)
-        t = torch.cat([value.detach().float().reshape(-1) * n, count])  # [numel + 1]
+        parts = value if isinstance(value, list) else [value]
+        count = torch.tensor([float(n)], device=parts[0].device)
+        t = torch.cat([v.detach().float().reshape(-1) * n for v in parts] + [count])  # [numel + 1]
         dist.all_reduce(t)
-        return (t[:-1] / t[-1]).reshape(value.shape)
+        means = (t[:-1] / t[-1]).split([v.numel() for v in parts])
+        out = [m.view_as(v).clone() for m, v in zip(means, parts)]  # each with its own storage
+        return out if isinstance(value, list) else out[0]
 
     def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, reward=None):
         """Train student for `epochs` over train_idx. Every step: teacher k ~ Categorical(p) (k = 0
@@ -412,8 +378,7 @@ class Loop:
 
     # ------------------------------------------------------------------ resume: all of it
     def checkpoint(self, parts, **where):
-        """Everything --resume needs to go on from the next batch as if never killed (rank 0
-        writes)."""
+        """All --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
         rng = [torch.get_rng_state()] * self.world  # each rank's own (its dropout masks differ)
         if self.world > 1:
             dist.all_gather_object(rng, torch.get_rng_state())
@@ -425,8 +390,7 @@ class Loop:
         glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
 
     def load_checkpoint(self):
-        """The checkpoint --resume goes on from, refused when written with other flags; None:
-        none."""
+        """The checkpoint --resume goes on from (None: none), refused if of other flags."""
         path = self.resume_path
         if not os.path.isfile(path):
             print(f"note: nothing to resume in {self.args.out_dir}; starting afresh")
@@ -533,9 +497,8 @@ def heldout_loss(model, batch, labels):
     return kd.kd_loss(logits, labels)
 
 class Reward:
-    """The loop's reward of a phase-1/phase-2 step, on held-out TRAINING examples (never dev): which
-    held-out batch serves (a new one every --probe_every steps, when h or the loss is measured
-    anew), and the mean over ranks; the values are the functions' above."""
+    """The loop's reward of a phase-1/2 step on held-out TRAINING examples (never dev): each step's
+    held-out batch (a new one every --probe_every steps), the mean over ranks; the values above."""
 
     def __init__(self, loop, heldout, soft):
         self.loop = loop
@@ -577,12 +540,7 @@ class Reward:
         with L.autocast():
             if not self.is_lookahead:
                 return float(L.reduce_mean(heldout_loss(student, batch, L.labels[i]), len(mine)))
-            h = heldout_grad(student, batch, L.labels[i])
-        if L.world == 1:
-            return h  # (a flat copy and back would cost a fifth of this call)
-        flat = torch.cat([g.reshape(-1) for g in h])  # [P]: one all-reduce for all
-        mean = L.reduce_mean(flat, len(mine)).split([g.numel() for g in h])
-        return [v.view_as(g).clone() for v, g in zip(mean, h)]
+            return L.reduce_mean(heldout_grad(student, batch, L.labels[i]), len(mine))
 
     def after(self, student, step):
         """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step)."""
@@ -637,30 +595,15 @@ def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
             "--seed", str(args.seed), "--out_dir", out]
     resume = os.path.isfile(os.path.join(out, "resume.pt"))
     print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
-    distil(parse_args(argv + ["--resume"] * resume), data, [], checkpoint)
-
-def load_transfer(args):
-    """The transfer set (Examples without labels), or None. `none` has no teacher to label it."""
-    if not args.transfer:
-        return None
-    if args.strategy == "none":
-        print(f"note: --strategy none has no teacher to label {args.transfer}; it is not used")
-        return None
-    return glue_data.read_split(args.transfer, args.task, labelled=False)
+    distil(parse_args(argv + ["--resume"] * resume), data, [], checkpoint, None, {}, time.time())
 
 def check_skd_weights(args, names):
-    """--weights: one non-negative weight per teacher of the sorted team, not all zero; skd only."""
-    if args.weights is None:
-        return
-    if args.strategy != "skd":
+    """--weights: skd's fixed p, one weight per teacher of the sorted team."""
+    if args.weights is not None and args.strategy != "skd":
         raise ValueError(f"--weights sets --strategy skd's distribution; "
                          f"--strategy is {args.strategy}")
-    if len(args.weights) != len(names):
-        raise ValueError(f"--weights gives {len(args.weights)} weights for {len(names)} teachers "
-                         f"(in this order: {', '.join(names)})")
-    if min(args.weights) < 0 or max(args.weights) == 0:
-        raise ValueError(f"--weights {' '.join(map(str, args.weights))}: each must be >= 0, "
-                         f"and one at least > 0")
+    if args.weights is not None:
+        check_weights(args.weights, names)
 
 def save(loop, student, team, sampler, test):
     """The student with its model card, metrics.json, distribution.json and the test predictions,
@@ -683,15 +626,11 @@ def save(loop, student, team, sampler, test):
         print("final distribution: " + ", ".join(shown))
     card = kd.model_card(a, student, dev, names, final)
     glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
-    for split, labels in test.items():  # the GLUE server's format: MNLI-m.tsv, RTE.tsv, ...
-        path = os.path.join(out, glue_data.test_files(a.task)[split] + ".tsv")
-        rows = "".join(f"{i}\t{y}\n" for i, y in enumerate(labels))
-        glue_data.write_atomic(path, lambda f: f.write("index\tprediction\n" + rows))
-        print(f"wrote {path}: {len(labels)} test predictions")
+    for split, labels in test.items():
+        glue_data.write_predictions(a.task, split, labels, out)
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
-    score = glue_data.score(dev)
-    print(f"done in {loop.timings['total_s']:.0f}s: dev score {score:.4f}; wrote {out}")
+    print(f"done in {loop.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}")
 
 if __name__ == "__main__":
     arguments = parse_args()

@@ -259,6 +259,25 @@ def write_atomic(path, write, binary=False):
 def write_json(path, obj):
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))
 
+def write_predictions(task_name, split, labels, folder):
+    """One test split's predictions as the GLUE server reads them: <folder>/RTE.tsv (MNLI-m.tsv,
+    ...), `index<TAB>prediction`, one row per test example in file order; labels as label_texts
+    gives them."""
+    path = os.path.join(folder, test_files(task_name)[split] + ".tsv")
+    rows = "".join(f"{i}\t{y}\n" for i, y in enumerate(labels))
+    write_atomic(path, lambda f: f.write("index\tprediction\n" + rows))
+    print(f"wrote {path}: {len(labels)} test predictions")
+
+def check_writable(folder, rank=0):
+    """Write a file there: permission bits say nothing to root or on a read-only disk."""
+    probe = os.path.join(folder, f".write_test{rank}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir {folder} is not writable ({e.strerror})") from None
+
 # ---------------------------------------------------------------------------------- download
 HUB = "nyu-mll/glue"  # the public GLUE copy on the Hugging Face hub. Per task: its config, its
 # text fields, and the published files' headers, train and dev then test (columns the hub lacks

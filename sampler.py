@@ -41,6 +41,15 @@ def check_keep(keep, n):
     if not 1 <= keep <= n:
         raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
 
+def check_weights(weights, names):
+    """A fixed p's weights: one non-negative weight per teacher, not all zero."""
+    if len(weights) != len(names):
+        raise ValueError(f"--weights gives {len(weights)} weights for {len(names)} teachers "
+                         f"(in this order: {', '.join(names)})")
+    if min(weights) < 0 or max(weights) == 0:
+        raise ValueError(f"--weights {' '.join(map(str, weights))}: each must be >= 0, "
+                         f"and one at least > 0")
+
 class TeacherSampler:
     def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0, warmup=0):
         self.names = list(names)
@@ -106,6 +115,20 @@ class TeacherSampler:
         ranked = sorted(active, key=lambda i: (score[i], p[i]), reverse=True)
         self.active = [i in ranked[:keep] for i in range(len(self.names))]
         return self.discarded()
+
+    def show_selection(self):
+        """Print each teacher's phase-1 evidence, its p after phase-1 and what selection made of
+        it."""
+        print("teacher selection by mean phase-1 advantage "
+              "(reward: mean ± standard error, n steps):")
+        for t in self.record()["selection"]:
+            verdict = "kept     " if t["kept"] else "discarded"
+            if t["n"] == 0:
+                print(f"  {verdict} {t['teacher']}: never measured, p {t['p']:.3f}")
+                continue
+            se = f"{t['reward_se']:.1e}" if t["reward_se"] is not None else "-"
+            reward = f"{t['reward']:+.3e} ± {se} (n {t['n']})"
+            print(f"  {verdict} {t['teacher']}: reward {reward}, p {t['p']:.3f}")
 
     def discarded(self):
         return [name for name, on in zip(self.names, self.active) if not on]

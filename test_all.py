@@ -146,6 +146,29 @@ def cli(argv, cwd, env=None):
 
 
 # ------------------------------------------------------------------------------------ glue_data
+METHOD = ["glue_data.py", "sampler.py", "model.py", "teachers.py", "distill.py"]  # each on those before
+
+
+def test_each_module_imports_only_those_before_it_and_keeps_the_style():
+    """No import cycle: each method module imports only the ones before it in METHOD; nothing calls
+    distill.main but the command itself; lines within 100 characters, functions within 40 lines."""
+    import ast
+    for k, name in enumerate(METHOD):
+        source = open(os.path.join(HERE, name), encoding="utf-8").read()
+        tree = ast.parse(source)
+        imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        ours = {m + ".py" for m in imported} & set(METHOD)
+        assert ours <= set(METHOD[:k]), (name, ours)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"]
+        assert name != "distill.py" or len(calls) == 1, [c.lineno for c in calls]  # the __main__ block's
+        long_lines = [n for n, line in enumerate(source.splitlines(), 1) if len(line) > 100]
+        assert not long_lines, (name, long_lines)
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        long_functions = [f.name for f in functions if f.end_lineno - f.lineno + 1 > 40]
+        assert not long_functions, (name, long_functions)
+
+
 @pytest.mark.parametrize("task", list(glue_data.TASKS))
 def test_every_task_loads_its_published_format(glue_dir, task):
     data = glue_data.load_task(glue_dir, task)
@@ -1158,6 +1181,32 @@ def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
         reward = distill.Reward(loop, torch.arange(8), soft) if reward else None
         loop.train(phase, student, opt, sched, 1, idx, soft, sampler, reward)
     assert len(modes) == 4 + 4 and all(modes), modes  # 64 and 56 examples in batches of 16
+
+def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_path):
+    """README.md's own-loop block, run as written on a tiny model and data: three teachers, one sure
+    of the labels, one less sure, one contradicting them; selection (keep 2) discards the last."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    code = readme.split("## AutoSKD in your own loop")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.splitlines()) <= 30
+    base = make_tiny_bert(str(tmp_path / "bert"), layers=2)
+    write_task(str(tmp_path / "glue"), "RTE", n_train=160, n_dev=8)
+    train = glue_data.load_task(str(tmp_path / "glue"), "RTE")["train"]
+    tokenizer = BertTokenizer.from_pretrained(base)
+    enc = glue_data.encode(tokenizer, train, 64)
+    labels = torch.tensor(train.labels)  # [N]
+    inputs = lambda idx: glue_data.collate(tokenizer, enc, idx)
+    rows = [list(range(i, i + 16)) for i in range(0, 128, 16)]
+    held = list(range(128, 160))  # held-out examples: never a training batch
+    right = torch.nn.functional.one_hot(labels, 2).float() * 4 - 2  # [N, C]: +2 on the label
+    given = {"model": AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+             "batches": [(inputs(idx), labels[idx], idx) for idx in rows],
+             "held": (inputs(held), labels[held]),
+             "logits": torch.stack([right, right / 2, -right])}  # [K, N, C]
+    exec(code, given)
+    sampler = given["sampler"]
+    assert sampler.discarded() == ["teacher2"], sampler.evidence()
+    assert len(sampler.trace) == 2 * len(rows)  # phase-1 and phase-2 each learned from every batch
+
 
 def test_held_out_batches_every_rank_can_share(tmp_path):
     """Under torchrun every rank takes a share of a held-out batch: smaller ones are skipped, and a
