@@ -1,4 +1,4 @@
-"""The student and the knowledge-distillation loss.
+"""The student: building it, the knowledge-distillation loss, saving it with its model card.
 
 Paper: the student is a small BERT that learns, at every step, from ONE teacher's soft targets mixed
 with the hard labels (Hinton et al.'s KD loss). Here:
@@ -12,6 +12,8 @@ with the hard labels (Hinton et al.'s KD loss). Here:
               STS-B (one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
               An unlabelled example of a transfer set (more text than is labelled, as DistilBERT and
               TinyBERT distil on): the soft part alone, T^2 * KL or MSE(student, teacher).
+    error     the held-out expected error the reward measures, and its gradient over the logits.
+    files     save_student writes the student whole or not at all; model_card its hub card.
 """
 import os
 import shutil

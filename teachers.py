@@ -5,6 +5,9 @@ Teachers are frozen, so each one's logits are computed ONCE (one teacher in memo
 batches sorted by length, through its own tokenizer: any AutoModelForSequenceClassification serves)
 and cached on disk under a hash of the checkpoint's files, the data files, the task and the max
 length. A training step reads its teacher's soft targets from a tensor instead of running it.
+
+Recipes are teams this project can fine-tune itself (RECIPES); build_team fine-tunes a recipe's
+missing teachers with the fine-tuning it is handed (distill.py's own plain fine-tuning).
 """
 import gc
 import hashlib
