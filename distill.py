@@ -36,16 +36,13 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
     p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
     p.add_argument("--teachers", nargs="+", help="teacher checkpoints (default: teachers/<TASK>/*)")
-    p.add_argument("--team", help="with no teachers in teachers/<TASK>/, the recipe fine-tuned "
-                   "there first: small (default; minutes on a CPU) or paper (a GPU's hours)")
+    p.add_argument("--team", help="recipe built in empty teachers/<TASK>/: small or paper")
     p.add_argument("--student", help="pretrained checkpoint (default: the teachers' base model)")
     p.add_argument("--student_layers", type=int, help="the bottom layers kept (default: all)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
     p.add_argument("--keep", type=int, help="teachers selection keeps (default: half, rounded up)")
-    p.add_argument("--weights", type=float, nargs="+", help="--strategy skd: p over the sorted "
-                   "team (default: teacher-rank, from the teachers' dev scores)")
-    p.add_argument("--transfer", help="unlabelled examples in the task's test-file format, "
-                   "distilled on by every strategy with a teacher")
+    p.add_argument("--weights", type=float, nargs="+", help="skd's p (default: teacher-rank)")
+    p.add_argument("--transfer", help="unlabelled examples (test-file format) to distil on too")
     add_training_flags(p)
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"runs/{a.task}-{a.strategy}-seed{a.seed}"
@@ -57,6 +54,7 @@ def parse_args(argv=None):
         "heldout": 0 < a.heldout < 1,
         "probe_every": a.probe_every >= 1,
         "probe_size": a.probe_size is None or a.probe_size >= 1,
+        "lookahead_share": 0 < a.lookahead_share <= 1,
         "save_every": a.save_every >= 1,
         "sampler_warmup": a.sampler_warmup >= 0,
     }
@@ -75,12 +73,12 @@ def add_training_flags(p):
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) loss")
     p.add_argument("--sampler_lr", type=float, default=0.1, help="lr of the teacher weights")
-    p.add_argument("--sampler_warmup", type=int, default=0,
-                   help="first steps whose rewards only set the baseline")
+    p.add_argument("--sampler_warmup", type=int, default=0, help="steps whose rewards only set b")
     p.add_argument("--heldout", type=float, default=0.1, help="train's share held out for rewards")
     p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"))
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing a held-out batch")
     p.add_argument("--probe_size", type=int, help="held-out batch size (default: --batch_size)")
+    p.add_argument("--lookahead_share", type=float, default=0.25, help="share scored")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", help="outputs (default: runs/<TASK>-<strategy>-seed<N>)")
@@ -321,7 +319,7 @@ class Loop:
                 idx = train_idx[b].tolist()[self.rank::self.world]  # this rank's share of the batch
                 k = sampler.sample() if sampler else 0
                 if reward:
-                    reward.before(student, idx, step, opt.param_groups[0]["lr"])
+                    reward.before(student, idx, step, opt.param_groups[0]["lr"], sampler.active)
                 loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
                 save = (step + 1) % self.args.save_every == 0
                 where = f"{phase} epoch {epoch} step {step + 1}"
@@ -519,18 +517,26 @@ class Reward:
         n = step // self.loop.args.probe_every
         return self.heldout[self.probes[n % len(self.probes)]].tolist()
 
-    def before(self, student, idx, step, lr):
+    def before(self, student, idx, step, lr, active=None):
         """Before the step on the batch idx: h or the held-out loss, measured anew every
-        --probe_every steps; lookahead: every teacher's r_j on this batch."""
+        --probe_every steps; lookahead: every teacher's r_j on this batch, scored on the
+        --lookahead_share of it where the teachers in play (active: K bools) differ most."""
         L = self.loop
         a = L.args
         if step % a.probe_every == 0 or self.state is None:
             self.state = self.measure(student, self.probe(step)[L.rank::L.world])
-        if self.is_lookahead:
-            batch, i = L.batch(idx)
-            values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state,
-                                       lr, a.temperature, a.alpha, L.labelled[i])
-            self.values = L.reduce_mean(values, 1).tolist()  # [K], as DDP averages gradients
+        if not self.is_lookahead:
+            return
+        scored = idx
+        m = math.ceil(a.lookahead_share * len(idx))
+        if m < len(idx):
+            in_play = self.soft[:, idx][torch.tensor(active or [True] * len(self.soft))]
+            scored = [idx[j] for j in kd.where_teachers_differ(in_play, m).tolist()]
+        batch, i = L.batch(scored)
+        values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state, lr,
+                                   a.temperature, a.alpha, L.labelled[i])
+        share = len(scored) / len(idx)  # as a mean over the batch: the rest adds next to nothing
+        self.values = L.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
 
     def measure(self, student, mine):
         """h (lookahead) or the held-out loss (step) on this rank's held-out examples, averaged
@@ -559,20 +565,15 @@ class Reward:
 
 # ------------------------------------------------------------------------------- inputs and outputs
 def choose_team(args, data):
-    """(teacher checkpoints, sorted: a draw picks by position, so the order named decides nothing;
-    the student's checkpoint). With no --teachers, the folders in teachers/<TASK>/, where the
-    --team recipe is fine-tuned first when none are there (or its build was killed)."""
+    """(teacher checkpoints, the student's checkpoint: --student, the recipe's, or the one the
+    teachers record). With no --teachers, a --team recipe may be fine-tuned first (fine_tune)."""
     if args.strategy == "none":
         if not args.student:
             raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
                              "(hub name or folder)")
         return [], args.student
-    folder = os.path.join("teachers", args.task)
-    recipe = None
-    if not args.teachers:
-        fine_tune_one = functools.partial(fine_tune, args, data)
-        recipe = team_lib.build_team(folder, args.team, args.task, fine_tune_one)
-    names = sorted(args.teachers or team_lib.find_teachers(folder))
+    fine_tune_one = functools.partial(fine_tune, args, data)
+    names, recipe = team_lib.choose_team(args.teachers, args.task, args.team, fine_tune_one)
     if args.strategy == "single" and len(names) != 1:
         raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
                          f"name one with --teachers DIR")

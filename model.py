@@ -12,7 +12,8 @@ with the hard labels (Hinton et al.'s KD loss). Here:
               STS-B (one output): (1 - alpha) * MSE(student, score) + alpha * MSE(student, teacher).
               An unlabelled example of a transfer set (more text than is labelled, as DistilBERT and
               TinyBERT distil on): the soft part alone, T^2 * KL or MSE(student, teacher).
-    error     the held-out expected error the reward measures, and its gradient over the logits.
+    error     the held-out expected error the reward measures, and its gradient over the logits;
+              where_teachers_differ, the examples of a batch on which the team's targets differ.
     files     save_student writes the student whole or not at all; model_card its hub card.
 """
 import os
@@ -123,6 +124,14 @@ def expected_error_grad(logits, labels):
     p_right = p.masked_fill(~right, 0).sum(-1, keepdim=True)  # [B, 1]
     p_wrong = p.masked_fill(right, 0).sum(-1, keepdim=True)  # [B, 1]
     return torch.where(right, -p * p_wrong, p * p_right) / n
+
+def where_teachers_differ(soft, m):
+    """The m examples of a batch, [m] in batch order, on which the teachers' soft targets differ
+    most: the variance over the team, summed over classes (soft [K, B, C]). Only where they differ
+    do the rewards differ: r_j - r_k = lr * sum_i <(J h)_i, dL_j/dz_i - dL_k/dz_i>, and on an
+    example every teacher labels alike dL_j/dz_i = dL_k/dz_i, whatever (J h)_i."""
+    spread = soft.var(0, correction=0).sum(-1)  # [B]
+    return spread.topk(min(m, len(spread))).indices.sort().values
 
 # ------------------------------------------------------------------------- the student's files
 def save_student(student, tokenizer, out):

@@ -68,6 +68,14 @@ RECIPES = {
                     student="google-bert/bert-base-uncased", student_layers=6),
 }
 
+def choose_team(teachers, task_name, team, fine_tune):
+    """(teacher checkpoints, sorted: a draw picks by position, so the order named decides nothing;
+    the recipe they come from, or None). With none named, the folders in teachers/<TASK>/, where
+    the team recipe is fine-tuned first when none are there (or its build was killed)."""
+    folder = os.path.join("teachers", task_name)
+    recipe = None if teachers else build_team(folder, team, task_name, fine_tune)
+    return sorted(teachers or find_teachers(folder)), recipe
+
 def build_team(folder, team, task_name, fine_tune):
     """The recipe of the team in folder (its team.json), its missing teachers fine-tuned first, each
     by fine_tune(teacher, checkpoint, lr, epochs, batch_size, out_folder), which goes on from a

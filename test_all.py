@@ -1151,6 +1151,45 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     assert np.array_equal(lookahead(h), predicted)
 
 
+def test_where_teachers_differ_by_hand():
+    """Two teachers that agree on every example of a batch of 6 but examples 1 and 4 (by 0.2 and 0.4):
+    those two, in batch order; one: the larger difference; more than the batch: all of it."""
+    q = torch.full((2, 6, 2), 0.5)  # [K, B, C]
+    q[1, 4] = torch.tensor([0.9, 0.1])
+    q[1, 1] = torch.tensor([0.3, 0.7])
+    assert kd.where_teachers_differ(q, 2).tolist() == [1, 4]
+    assert kd.where_teachers_differ(q, 1).tolist() == [4]
+    assert kd.where_teachers_differ(q, 9).tolist() == list(range(6))
+    assert kd.where_teachers_differ(q[:, :, :1], 2).tolist() == [1, 4]  # regression: [K, B, 1]
+
+
+def test_the_lookahead_on_a_share_of_the_batch(tmp_path):
+    """--lookahead_share 1: the reward is exactly the whole batch's; 0.25: the same functions on the
+    quarter of the batch where the teachers in play differ most, as a mean over the whole batch."""
+    loop, base = tiny_loop(tmp_path, ["--student_layers", "2", "--lookahead_share", "1"], 40)
+    student = loop.new_student(base, 1, 40)[0].train()
+    torch.manual_seed(2)
+    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    idx, lr, a = list(range(16)), 1e-3, loop.args
+    reward = distill.Reward(loop, torch.arange(32, 40), soft)
+    reward.before(student, idx, 0, lr)
+    held, i = loop.batch(reward.probe(0))
+    h = distill.heldout_grad(student, held, loop.labels[i])
+
+    def lookahead(rows):
+        inputs, j = loop.batch(rows)
+        return distill.lookahead_rewards(student, inputs, loop.labels[j], soft[:, j], h, lr,
+                                         a.temperature, a.alpha, loop.labelled[j])
+
+    assert reward.values == lookahead(idx).tolist()  # bit for bit
+    a.lookahead_share = 0.25
+    for active in ([True] * 3, [True, False, True]):  # phase-1; phase-2 with teacher 1 discarded
+        reward.before(student, idx, 1, lr, active)  # (h kept: a new one every 4 steps)
+        chosen = kd.where_teachers_differ(soft[:, idx][torch.tensor(active)], 4).tolist()
+        assert reward.values == (lookahead([idx[j] for j in chosen]) * 0.25).tolist()
+    assert chosen != kd.where_teachers_differ(soft[:, idx], 4).tolist()  # the active ones decide
+
+
 def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
     """One teacher gives the labels, one contradicts them: phase-1 ends with p(helpful) > 0.9, every seed."""
     for seed in (0, 1, 2):
@@ -1227,8 +1266,8 @@ def record_float64_rewards(monkeypatch):
     record, h = [], {}
     real_before = distill.Reward.before
 
-    def before(self, student, idx, step, lr):
-        real_before(self, student, idx, step, lr)
+    def before(self, student, idx, step, lr, active=None):
+        real_before(self, student, idx, step, lr, active)
         L = self.loop
         c = copy.deepcopy(student).double().eval()
         weights = dict(c.named_parameters())
@@ -1257,6 +1296,7 @@ def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch):
     student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
     # 96 examples, 8 held out: batches of 16 (88 = 5 x 16 + 8) split evenly between the ranks
     argv = FAST + ["--student", student, "--heldout", "0.0834", "--save_every", "3"]
+    argv += ["--lookahead_share", "1"]  # every example of the batch, as the float64 reference scores
     exact = record_float64_rewards(monkeypatch)
     one = run(argv + ["--out_dir", "runs/one-process"], workdir)
     env = dict(os.environ, OMP_NUM_THREADS="1")
