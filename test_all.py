@@ -1650,9 +1650,10 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     bench.main(["--speed", "--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--student_layers", "1", "--epochs", "1", "--train_limit", "48", "--out", out])
     result = json.load(open(os.path.join(out, "speed-cpu.json")))
-    assert len(result["ratios"]) == 8 and all(v > 0 for v in result["ratios"].values())
+    assert len(result["ratios"]) == 10 and all(v > 0 for v in result["ratios"].values())
     assert "final_step_s" in result["runs"]["single, transfer set"]
     assert result["train_examples"] == 48 and result["padding_sorted"] <= result["padding_unsorted"]
     assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
     assert "| phase-1 step, lookahead reward / fine-tuning step |" in open(os.path.join(out, "speed-cpu.md")).read()
     assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
+    assert result["runs"]["auto, 8 teachers, whole batch"]["phase1_step_s"] > 0
