@@ -40,6 +40,14 @@ batches (step times, also on batches mixed with a transfer set, whole runs, peak
 process with one CPU thread (or one GPU).
 On CPU, times are the process's CPU time: a virtual machine's host may steal a varying share of the
 CPU, which wall time counts and CPU time does not. On GPU, wall time.
+
+    python bench.py --first_run --task RTE --base_model <checkpoint with BERT's uncased vocabulary>
+
+times what a new user waits for: `python distill.py --task RTE` in an empty folder holding the task's
+files, then the same command again, each in a fresh process with torch's default threads (wall
+time). Offline, the --team recipe's hub names are served from a local hub cache by checkpoints of
+their exact configurations with random weights and --base_model's tokenizer (the real ones are the
+same shapes, so every step costs what it costs with them). Writes results/first-run-<device>.{json,md}.
 """
 import argparse
 import contextlib
@@ -49,10 +57,12 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import resource
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -63,6 +73,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import distill
 import glue_data
 import model as kd
+import sampler
 import teachers as team_lib
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # teachers' cache fill, --speed
@@ -102,7 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
     p.add_argument("--selection", action="store_true", help="check teacher selection (see above)")
+    p.add_argument("--lookahead_share", type=float, help="--selection: distill.py's, for every run")
     p.add_argument("--speed", action="store_true", help="measure speed and memory instead (see above)")
+    p.add_argument("--first_run", action="store_true", help="time the default command (see above)")
     return p.parse_args(argv)
 
 
@@ -180,8 +193,8 @@ def run(argv):
     return metrics
 
 
-def run_all(jobs, argvs, t0):
-    """Run every argv ({key: argv}), `jobs` at a time; {key: metrics.json}."""
+def run_all(jobs, argvs, t0, run=run):
+    """Run every argv ({key: argv}) with run, `jobs` at a time; {key: metrics.json}."""
     def done(key, m, i):
         minutes = (time.time() - t0) / 60
         score = glue_data.score(m["dev"])
@@ -205,6 +218,8 @@ def main(argv=None):
     t0 = time.time()
     if a.speed:
         return speed(a)
+    if a.first_run:
+        return first_run(a)
     members = team_members(a)
     work, data_dir, dirs, team, scores, fit = make_team(a, members, t0)
     if a.selection:
@@ -265,7 +280,7 @@ def student_rank_flags(a, members, dirs, done):
     for n, d in zip(members, dirs):
         scores = [glue_data.score(done[f"single ({n})", seed]["dev"]) for seed in a.seeds]
         alone[d] = statistics.mean(scores)
-    weights = distill.teacher_rank([alone[d] for d in sorted(dirs)])
+    weights = sampler.teacher_rank([alone[d] for d in sorted(dirs)])
     return ["--weights"] + [str(w) for w in weights]
 
 
@@ -731,16 +746,20 @@ def selection(a, members, work, data_dir, dirs, t0):
     """AutoSKD on the bench's team (its auto row: same runs, reused) and on the team of three with
     --keep 2 over seeds 0-4; per run, every teacher's phase-1 evidence and what selection did."""
     at = dict(zip(members, dirs))
+    share = [] if a.lookahead_share is None else ["--lookahead_share", str(a.lookahead_share)]
+    tag = "" if a.lookahead_share is None else f"share{a.lookahead_share}-"
     argvs = {}
     for seed in a.seeds:
-        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed)
+        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-{tag}seed{seed}", dirs,
+                                       seed) + share
     for seed in range(5):
-        argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
-                                        [at[n] for n in THREE], seed) + ["--keep", "2"]
-    run_all(a.jobs, argvs, t0)
+        argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-{tag}seed{seed}",
+                                        [at[n] for n in THREE], seed) + ["--keep", "2"] + share
+    run_all(a.jobs, argvs, t0, audited_run)
     columns = " | ".join(f"{n}: reward ± se, p" for n in members)
     lines = [f"| team | seed | {columns} | harmful below every kept teacher by (standard errors) | "
-             "harmful discarded |", "|---" * (len(members) + 4) + "|"]
+             "the same on the whole batch | harmful discarded | tau, share with whole batch |",
+             "|---" * (len(members) + 6) + "|"]
     rows = []
     for (team, seed), argv in argvs.items():
         with open(os.path.join(distill.parse_args(argv).out_dir, "distribution.json")) as f:
@@ -756,13 +775,17 @@ def selection(a, members, work, data_dir, dirs, t0):
             verdict = "" if t["kept"] else " (out)"
             cells.append(f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}{verdict}")
         lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | "
-                     f"{row['harmful_discarded']} |")
+                     f"{row['harmful_z_whole']:.1f} | {row['harmful_discarded']} | "
+                     f"{row['tau_whole']:.2f} |")
     rule = [r for r in rows if r["harmful_z"] > 3]
     held = sum(r["harmful_discarded"] for r in rule)
     lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard "
               f"errors (of the step-by-step difference) below every kept teacher's is discarded. It "
               f"applies to {len(rule)} of {len(rows)} runs, and holds in {held} of them. (out): "
-              f"discarded by selection; p: after phase-1."]
+              f"discarded by selection; p: after phase-1. The whole batch: the reward the same "
+              f"runs would have had at every phase-1 step from every example of the batch "
+              f"(--lookahead_share 1), measured beside it; tau: Kendall's tau between the "
+              f"teachers' mean phase-1 rewards on the share and on the whole batch."]
     write_text(os.path.join(a.out, f"{a.task}-selection.json"), portable(json.dumps(rows, indent=1)))
     write_text(os.path.join(a.out, f"{a.task}-selection.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -777,9 +800,122 @@ def selection_row(d, members, team, seed):
     harmful = next(n for n in names if members[n][2] == HARMFUL)
     kept = [n for n in names if evidence[n]["kept"] and n != harmful]
     gaps = [gap_z(rewards[k], rewards[harmful], paired) for k in kept]
+    whole = {n: [r[names.index(n)] for r in d.get("whole_batch", [])] for n in names}
+    whole_gaps = [gap_z(whole[k], whole[harmful], True) for k in kept]
+    means = [statistics.mean(rewards[n]) for n in names]
+    whole_means = [statistics.mean(whole[n] or [math.nan]) for n in names]
     return {"team": team, "seed": seed, "teachers": evidence,
             "harmful_z": min(gaps, default=math.nan),
+            "harmful_z_whole": min(whole_gaps, default=math.nan),
+            "tau_whole": kendall_tau(means, whole_means),
             "harmful_discarded": not evidence[harmful]["kept"]}
+
+
+def audited_run(argv):
+    """run(argv), the lookahead reward of every phase-1 step also measured on the whole batch
+    (the same functions, h and student; nothing the run computes changes): into
+    <out_dir>/distribution.json as "whole_batch", [steps][K]. A killed run starts afresh, as the
+    steps before its kill would be missing."""
+    out_dir = distill.parse_args(argv).out_dir
+    if os.path.isfile(os.path.join(out_dir, "resume.pt")):
+        os.remove(os.path.join(out_dir, "resume.pt"))
+    whole = []
+    real = distill.Reward.before
+
+    def before(self, student, idx, step, lr, active=None):
+        real(self, student, idx, step, lr, active)
+        L = self.loop
+        if self.is_lookahead:
+            batch, i = L.batch(idx)
+            values = distill.lookahead_rewards(
+                student, batch, L.labels[i], self.soft[:, i], self.state, lr,
+                L.args.temperature, L.args.alpha, L.labelled[i])
+            whole.append(values.tolist())
+
+    distill.Reward.before = before
+    try:
+        metrics = run(argv)
+    finally:
+        distill.Reward.before = real
+    path = os.path.join(out_dir, "distribution.json")
+    with open(path) as f:
+        d = json.load(f)
+    if whole:  # (a run reused as it was keeps what it has, if anything)
+        glue_data.write_json(path, d | {"whole_batch": whole[:len(d["phase1"])]})
+    return metrics
+
+
+# ------------------------------------------------------------------------------- --first_run
+GOOGLE_SHAPE = re.compile(r"google/bert_uncased_L-(\d+)_H-(\d+)_A-(\d+)$")
+
+
+def recipe_hub(home, recipe, tokenizer_from):
+    """A hub cache under home holding, under each hub name of the recipe (teachers and student),
+    a BERT of that name's configuration (Turc et al.'s compact BERTs: L layers, hidden H, A heads,
+    feed-forward 4H; BERT-base's otherwise) with random weights and tokenizer_from's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    names = [checkpoint for checkpoint, _ in recipe.teachers.values()] + [recipe.student]
+    for name in names:
+        shape = GOOGLE_SHAPE.search(name)
+        layers, hidden, heads = map(int, shape.groups()) if shape else (12, 768, 12)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=4 * hidden)
+        repo = os.path.join(home, "hub", "models--" + name.replace("/", "--"))
+        snapshot = os.path.join(repo, "snapshots", "0" * 40)
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+        write_text(os.path.join(repo, "refs", "main"), "0" * 40)
+
+
+def first_run(a):
+    """The default command twice in an empty folder, offline, timed: results/first-run-<device>."""
+    work = os.path.abspath(os.path.join(a.out, "first-run"))
+    shutil.rmtree(work, ignore_errors=True)
+    home = os.path.join(work, "hf")
+    recipe = team_lib.RECIPES["small"]
+    recipe_hub(home, recipe, a.base_model)
+    folder = os.path.join(work, "user")
+    shutil.copytree(os.path.join(a.data_dir, a.task), os.path.join(folder, "glue_data", a.task))
+    env = dict(os.environ, HF_HOME=home, HF_HUB_OFFLINE="1")
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py"),
+               "--task", a.task]
+    seconds = []
+    for attempt in ("first", "second"):
+        start = time.perf_counter()
+        with open(os.path.join(work, f"{attempt}.log"), "w") as log:
+            subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        seconds.append(time.perf_counter() - start)
+        print(f"{attempt} run: {seconds[-1]:.0f} s", flush=True)
+    first_run_report(a, folder, recipe, seconds)
+
+
+def first_run_report(a, folder, recipe, seconds):
+    """results/first-run-<device>.json and .md: both runs, the teachers' fine-tuning one by one."""
+    parts = {}
+    for t in recipe.teachers:
+        with open(os.path.join(folder, "teachers", a.task, t, "metrics.json")) as f:
+            parts[f"fine-tune {t}"] = json.load(f)["timings"]["total_s"]
+    with open(os.path.join(folder, "runs", f"{a.task}-auto-seed0", "metrics.json")) as f:
+        parts["AutoSKD and the student, second run"] = json.load(f)["timings"]["total_s"]
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else \
+        f"{cpu_name()}, {os.cpu_count()} CPUs, torch's default threads"
+    result = {"device": device, "platform": platform.platform(), "torch": torch.__version__,
+              "task": a.task, "first_run_s": seconds[0], "second_run_s": seconds[1], "parts_s": parts}
+    lines = [f"`python distill.py --task {a.task}` in an empty folder holding the {a.task} files, "
+             f"offline, the small recipe's checkpoints served from a local hub cache (their exact "
+             f"configurations, random weights); measured on {device} ({result['platform']}, torch "
+             f"{torch.__version__}), wall time.", "", "| run | minutes |", "|---|---|",
+             f"| first (the team fine-tuned, then AutoSKD) | {seconds[0] / 60:.1f} |",
+             f"| second (data, teachers and their outputs reused) | {seconds[1] / 60:.1f} |"]
+    lines += [f"| {name} | {s / 60:.1f} |" for name, s in parts.items()]
+    tag = "gpu" if DEVICE.type == "cuda" else "cpu"
+    write_text(os.path.join(a.out, f"first-run-{tag}.json"), portable(json.dumps(result, indent=1)))
+    write_text(os.path.join(a.out, f"first-run-{tag}.md"), portable("\n".join(lines) + "\n"))
+    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------- --speed
@@ -839,8 +975,8 @@ def speed(a):
         "single, transfer set": ["--strategy", "single", "--transfer", transfer,
                                  "--teachers", dirs[0]],
         "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
-        "auto, 8 teachers, whole batch": ["--strategy", "auto", "--lookahead_share", "1",
-                                          "--teachers"] + dirs,
+        "auto, 8 teachers, share 0.25": ["--strategy", "auto", "--lookahead_share", "0.25",
+                                         "--teachers"] + dirs,
         "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step",
                                           "--teachers"] + dirs,
         "fine-tune again": ["--strategy", "none"]}
@@ -876,7 +1012,8 @@ def speed_run(argv):
     m, peak = in_fresh_process(argv)
     T = m["timings"]
     run_s = T["cpu_s"] if DEVICE.type == "cpu" else T["total_s"] - T["teachers_s"]
-    out = {"peak_mib": peak, "run_s": run_s}
+    table_s = T.get("table_s", 0)  # the closing table (teachers reloaded and timed), counted apart
+    out = {"peak_mib": peak, "run_s": run_s - table_s, "table_s": table_s}
     for p in distill.PHASES:
         if f"{p}_steps" in T:
             out[f"{p}_step_s"] = T[f"{p}_steps_s"] / T[f"{p}_steps"]
@@ -888,7 +1025,7 @@ def speed_ratios(out, ft):
     step time, the mean of its two runs), and peak memory with 8 teachers against 2."""
     ft_run = statistics.mean(out[n]["run_s"] for n in FINE_TUNES)
     auto = out["auto, 8 teachers"]
-    whole = out["auto, 8 teachers, whole batch"]
+    share = out["auto, 8 teachers, share 0.25"]
     step = out["auto, 8 teachers, step reward"]
     final = lambda name: out[name]["final_step_s"] / ft
     peak = lambda name: out[name]["peak_mib"]
@@ -898,14 +1035,14 @@ def speed_ratios(out, ft):
             (final("uniform, 8 teachers"), 1.05),
         "final distillation step / fine-tuning step (single, transfer set)":
             (final("single, transfer set"), 1.05),
-        "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 1.5),
-        "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 1.5),
-        "phase-1 step, lookahead on the whole batch / fine-tuning step":
-            (whole["phase1_step_s"] / ft, 2.0),
+        "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 2.0),
+        "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 2.0),
+        "phase-1 step, lookahead on a quarter of the batch / fine-tuning step":
+            (share["phase1_step_s"] / ft, 1.5),
         "phase-1 step, step reward / fine-tuning step": (step["phase1_step_s"] / ft, 1.5),
-        "whole auto run (lookahead reward) / whole fine-tuning run": (auto["run_s"] / ft_run, 1.9),
-        "whole auto run, lookahead on the whole batch / whole fine-tuning run":
-            (whole["run_s"] / ft_run, 2.5),
+        "whole auto run (lookahead reward) / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
+        "whole auto run, lookahead on a quarter of the batch / whole fine-tuning run":
+            (share["run_s"] / ft_run, 1.9),
         "peak memory, 8 teachers / 2 teachers":
             (peak("uniform, 8 teachers") / peak("uniform, 2 teachers"), 1.1)}
     return ratios
@@ -936,12 +1073,15 @@ def speed_report(a, data, dirs, out, fill_s):
              f"{a.base_model}, {a.epochs} epochs, batch 32; times are " + clock,
              "", "| ratio | measured | target |", "|---|---|---|"]
     lines += [f"| {k} | {v:.2f}x | <= {target}x |" for k, (v, target) in ratios.items()]
-    lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final |",
-              "|---|---|---|---|"]
+    lines += ["", "| run | peak memory (MiB) | whole run (s) | step (ms): phase-1, phase-2, final | "
+              "closing table (s) |", "|---|---|---|---|---|"]
     for n, r in out.items():
         steps = [f"{1000 * r[p + '_step_s']:.1f}" if p + "_step_s" in r else "-"
                  for p in distill.PHASES]
-        lines.append(f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | {', '.join(steps)} |")
+        lines.append(f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | {', '.join(steps)} | "
+                     f"{r['table_s']:.1f} |")
+    lines += ["", "Whole run: the process's time, less the closing table's (every teacher loaded "
+              "again and timed, and the student, on the same dev examples), shown apart."]
     n_fill = result["cache_fill_examples"]
     lines += ["", f"Cache fill: 8 teachers over train and dev once, {n_fill} examples in "
               f"{fill_s:.1f} s ({n_fill / fill_s:.0f} examples/s), in inference mode, batches "

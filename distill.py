@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 import glue_data
 import model as kd
 import teachers as team_lib
-from sampler import TeacherSampler, check_keep, check_weights
+from sampler import TeacherSampler, check_keep, check_weights, teacher_rank
 
 STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
@@ -78,7 +78,7 @@ def add_training_flags(p):
     p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"))
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing a held-out batch")
     p.add_argument("--probe_size", type=int, help="held-out batch size (default: --batch_size)")
-    p.add_argument("--lookahead_share", type=float, default=0.25, help="share scored")
+    p.add_argument("--lookahead_share", type=float, default=1.0, help="share scored")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", help="outputs (default: runs/<TASK>-<strategy>-seed<N>)")
@@ -110,16 +110,17 @@ def read_data(args):
     test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}
     return data, transfer, test
 
-def distil(args, data, names, base, transfer, test, start):
+def distil(args, data, names, base, transfer, test, start, label=None):
     """Distil base's bottom layers from the teachers names with args.strategy (no teachers:
-    fine-tune), predict the test splits {split: Examples}, save all; start: time.time() at start."""
-    check_skd_weights(args, names)
+    fine-tune), predict the test splits {split: Examples}, save all; start: time.time() at start;
+    label: what progress calls the training (default: student, or fine-tune)."""
+    check_weights(args.weights, names, args.strategy)
     kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
     if args.strategy == "auto":
         check_keep(keep, len(names))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    loop = Loop(args, data, tokenizer, transfer)
+    loop = Loop(args, data, tokenizer, transfer, label)
     team = []
     if names:
         teacher_data = data | ({"transfer": transfer} if transfer else {})
@@ -133,9 +134,13 @@ def distil(args, data, names, base, transfer, test, start):
     for split, examples in test.items():
         logits = team_lib.predict(student, tokenizer, examples, args.max_seq_len, loop.device)
         predictions[split] = glue_data.label_texts(args.task, logits)
+    dev = data[glue_data.get_task(args.task).dev[0]]
+    t = loop.clock()
+    figures = team_lib.beside_the_team(team, student, tokenizer, dev, args.max_seq_len, loop.device)
+    loop.timings["table_s"] = loop.clock() - t  # (bench.py --speed counts it apart)
     loop.timings["total_s"] = time.time() - start
     if loop.rank == 0:  # rank 0 writes
-        save(loop, student, team, sampler, predictions)
+        save(loop, student, team, sampler, predictions, figures)
     if loop.world > 1:
         dist.barrier()  # the ranks end together: one torn down while another still runs can abort
 
@@ -168,13 +173,6 @@ def setup(args, team, device):
         print("skd distribution: " + ", ".join(shown))
     return soft, sampler  # auto: p is learned; uniform and skd: p stays as it is
 
-def teacher_rank(scores):
-    """SKDBERT's teacher-rank distribution, as we read it (its formula could not be read here): rank
-    the teachers 1 (worst) to K (best) by their scores, ties sharing the mean rank; p_k = rank_k /
-    sum_j rank_j."""
-    ranks = glue_data.ranks(scores)
-    return [r / sum(ranks) for r in ranks]
-
 def autoskd(loop, base, soft, sampler, keep):
     """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
     phase-1 over the whole team, teacher selection, phase-2 over the kept teachers, with rewards on
@@ -189,6 +187,8 @@ def autoskd(loop, base, soft, sampler, keep):
         heldout = shuffled[:n_held]  # the reward's examples, never trained on in phases 1-2
         train_idx = torch.cat([shuffled[n_held:], everything[n:]])  # the rest, then transfer
         reward = Reward(loop, heldout, soft)
+        print(f"AutoSKD: phase-1 {loop.steps(a.phase1_epochs, len(train_idx))} steps, teacher "
+              f"selection, phase-2 {loop.steps(a.phase2_epochs, len(train_idx))} steps; then:")
         epochs = a.phase1_epochs + a.phase2_epochs
         student, opt, sched = loop.new_student(base, epochs, len(train_idx))
         loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
@@ -196,6 +196,8 @@ def autoskd(loop, base, soft, sampler, keep):
         sampler.show_selection()
         loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
     # The final student: p frozen, no reward.
+    steps = loop.steps(a.epochs, len(everything))
+    print(f"{loop.shown['final']}: {a.epochs} epoch(s), {steps} steps")
     student, opt, sched = loop.new_student(base, a.epochs, len(everything))
     loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)
     return student
@@ -219,8 +221,10 @@ def init_distributed():
 class Loop:
     """What every phase shares: the task's data, encoded once for the student, the device, ranks."""
 
-    def __init__(self, args, data, tokenizer, transfer=None):
+    def __init__(self, args, data, tokenizer, transfer=None, label=None):
         self.args = args
+        final = label or ("fine-tune" if args.strategy == "none" else "student")
+        self.shown = {"phase1": "phase-1", "phase2": "phase-2", "final": final}  # progress's names
         self.data = data
         self.tokenizer = tokenizer
         self.device, self.rank, self.world = init_distributed()
@@ -253,12 +257,15 @@ class Loop:
         self.net = student
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
-        steps = epochs * math.ceil(n_train / a.batch_size)
+        steps = self.steps(epochs, n_train)
         warmup = max(1, steps // 10)
         opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_then_decay(step, warmup, steps))
         return student, opt, sched
+
+    def steps(self, epochs, n):
+        return epochs * math.ceil(n / self.args.batch_size)
 
     def batch(self, idx):
         """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]); on GPU through pinned
@@ -268,17 +275,13 @@ class Loop:
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b, b.pop("idx")
 
-    def autocast(self):
-        """bf16 autocast on GPU; nothing on CPU."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
-
     def loss(self, student, idx, soft_k):
         """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (the
         labels alone)."""
         a = self.args
         b, i = self.batch(idx)
-        with self.autocast():
-            logits = student(**b).logits.float()  # [B, C]
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = student(**b).logits.float()  # [B, C], bf16 autocast on GPU
         targets = soft_k[i] if soft_k is not None else None
         return kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
 
@@ -311,7 +314,7 @@ class Loop:
             t = self.clock()
             order_state = self.order.get_state()  # to draw the epoch's batches again on resume
             order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
-            desc = f"{phase} epoch {epoch}/{epochs}"
+            desc = f"{self.shown[phase]} epoch {epoch}/{epochs}"
             bar = tqdm(order[skip:], desc, len(order), initial=skip, mininterval=1)
             for i, b in enumerate(bar, skip):
                 if len(b) < self.world:
@@ -322,7 +325,7 @@ class Loop:
                     reward.before(student, idx, step, opt.param_groups[0]["lr"], sampler.active)
                 loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
                 save = (step + 1) % self.args.save_every == 0
-                where = f"{phase} epoch {epoch} step {step + 1}"
+                where = f"{self.shown[phase]} epoch {epoch} step {step + 1}"
                 self.step(loss, parts, bar, where, read=save or i == len(order) - 1)
                 if reward:
                     sampler.update(k, reward.after(student, step))  # only theta_k moves
@@ -365,14 +368,13 @@ class Loop:
         a = self.args
         student.eval()
         dev = {}
-        for split, examples in self.data.items():
-            if split == "train":
-                continue
+        for split in glue_data.get_task(a.task).dev:
+            examples = self.data[split]
             logits = team_lib.predict(student, self.tokenizer, examples, a.max_seq_len, self.device)
             dev[split] = glue_data.compute_metrics(a.task, logits, examples.labels)
         student.train()
         self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
-        print(f"{phase} epoch {epoch}: {glue_data.show(dev)}")
+        print(f"{self.shown[phase]} epoch {epoch}: {glue_data.show(dev)}")
 
     # ------------------------------------------------------------------ resume: all of it
     def checkpoint(self, parts, **where):
@@ -543,7 +545,7 @@ class Reward:
         over ranks."""
         L = self.loop
         batch, i = L.batch(mine)
-        with L.autocast():
+        with torch.autocast(L.device.type, torch.bfloat16, enabled=L.device.type == "cuda"):
             if not self.is_lookahead:
                 return float(L.reduce_mean(heldout_loss(student, batch, L.labels[i]), len(mine)))
             return L.reduce_mean(heldout_grad(student, batch, L.labels[i]), len(mine))
@@ -573,7 +575,8 @@ def choose_team(args, data):
                              "(hub name or folder)")
         return [], args.student
     fine_tune_one = functools.partial(fine_tune, args, data)
-    names, recipe = team_lib.choose_team(args.teachers, args.task, args.team, fine_tune_one)
+    n = len(data["train"])
+    names, recipe = team_lib.choose_team(args.teachers, args.task, args.team, fine_tune_one, n)
     if args.strategy == "single" and len(names) != 1:
         raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
                          f"name one with --teachers DIR")
@@ -596,19 +599,12 @@ def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
             "--seed", str(args.seed), "--out_dir", out]
     resume = os.path.isfile(os.path.join(out, "resume.pt"))
     print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
-    distil(parse_args(argv + ["--resume"] * resume), data, [], checkpoint, None, {}, time.time())
+    teacher_args = parse_args(argv + ["--resume"] * resume)
+    distil(teacher_args, data, [], checkpoint, None, {}, time.time(), f"fine-tune {teacher}")
 
-def check_skd_weights(args, names):
-    """--weights: skd's fixed p, one weight per teacher of the sorted team."""
-    if args.weights is not None and args.strategy != "skd":
-        raise ValueError(f"--weights sets --strategy skd's distribution; "
-                         f"--strategy is {args.strategy}")
-    if args.weights is not None:
-        check_weights(args.weights, names)
-
-def save(loop, student, team, sampler, test):
+def save(loop, student, team, sampler, test, figures):
     """The student with its model card, metrics.json, distribution.json and the test predictions,
-    each written whole or not at all."""
+    each written whole or not at all; with a team, the table of the student beside it."""
     a = loop.args
     out = a.out_dir
     kd.save_student(student, loop.tokenizer, out)
@@ -618,6 +614,9 @@ def save(loop, student, team, sampler, test):
     metrics = {"task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev,
                "score": glue_data.score(dev), "history": loop.history, "timings": loop.timings,
                "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(a)}
+    kept = sampler.active if a.strategy == "auto" else None  # selection's verdicts
+    table = team_lib.closing_table(team, figures, metrics["score"], kept, final) if team else {}
+    metrics["beside_the_team"] = table
     glue_data.write_json(os.path.join(out, "metrics.json"), metrics)
     if team:
         learned = sampler.record() if a.strategy == "auto" else {}
@@ -625,13 +624,14 @@ def save(loop, student, team, sampler, test):
         glue_data.write_json(os.path.join(out, "distribution.json"), distribution)
         shown = [f"{name} {p:.3f}" for name, p in zip(names, final)]
         print("final distribution: " + ", ".join(shown))
-    card = kd.model_card(a, student, dev, names, final)
+    card = kd.model_card(a, student, dev, names, final, table.get("lines", []))
     glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
     for split, labels in test.items():
         glue_data.write_predictions(a.task, split, labels, out)
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
     print(f"done in {loop.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}")
+    print("\n".join(table.get("lines", [])))  # the student beside its teachers
 
 if __name__ == "__main__":
     arguments = parse_args()

@@ -64,6 +64,11 @@ class Examples:
     def __len__(self):
         return len(self.labels)
 
+    def head(self, n):
+        """The first n examples."""
+        text_b = self.text_b[:n] if self.text_b else None
+        return Examples(self.text_a[:n], text_b, self.labels[:n], self.source)
+
 def get_task(name):
     if name not in TASKS:
         near = [t for t in TASKS if t.lower().replace("-", "") == name.lower().replace("-", "")]

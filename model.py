@@ -150,9 +150,9 @@ def save_student(student, tokenizer, out):
         os.replace(os.path.join(tmp, f), os.path.join(out, f))
     os.rmdir(tmp)
 
-def model_card(a, student, dev, teachers, final):
+def model_card(a, student, dev, teachers, final, table=()):
     """README.md for the hub: YAML front matter (task, base model, dev metrics), then how it was
-    distilled."""
+    distilled, and the lines of a table of the student beside its teachers."""
     from huggingface_hub import EvalResult, ModelCardData  # comes with transformers
     base = student.config.base_model
     name = os.path.basename(os.path.normpath(a.out_dir))
@@ -171,10 +171,11 @@ def model_card(a, student, dev, teachers, final):
     shares = [f"{os.path.basename(os.path.normpath(t))} ({p:.3f})" for t, p in zip(teachers, final)]
     team = ", ".join(shares) or "none"
     layers = student.config.num_hidden_layers
+    beside = "".join("\n" + line for line in table) + "\n" if table else ""
     return (f"---\n{front}\n---\n\n# {name}\n\n"
             f"The bottom {layers} transformer layer(s) of `{os.path.basename(base)}`, trained on "
             f"GLUE {a.task} with AutoSKDBERT's reference implementation, `distill.py --strategy "
             f"{a.strategy}` (temperature {a.temperature}, alpha {a.alpha}, epochs {a.epochs}, "
             f"lr {a.lr}, seed {a.seed}).\n\n"
             f"Teachers, with the final sampling distribution: {team}.\n\n"
-            f"Dev: {glue_data.show(dev)}.\n")
+            f"Dev: {glue_data.show(dev)}.\n" + beside)

@@ -41,14 +41,29 @@ def check_keep(keep, n):
     if not 1 <= keep <= n:
         raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
 
-def check_weights(weights, names):
-    """A fixed p's weights: one non-negative weight per teacher, not all zero."""
+def check_weights(weights, names, strategy="skd"):
+    """--weights, SKDBERT's fixed p (None: none given): one non-negative weight per teacher, not all
+    zero, and only with --strategy skd."""
+    if weights is None:
+        return
+    if strategy != "skd":
+        raise ValueError(f"--weights sets --strategy skd's distribution; --strategy is {strategy}")
     if len(weights) != len(names):
         raise ValueError(f"--weights gives {len(weights)} weights for {len(names)} teachers "
                          f"(in this order: {', '.join(names)})")
     if min(weights) < 0 or max(weights) == 0:
         raise ValueError(f"--weights {' '.join(map(str, weights))}: each must be >= 0, "
                          f"and one at least > 0")
+
+def teacher_rank(scores):
+    """SKDBERT's fixed teacher-rank distribution, as we read it (its formula could not be read
+    here): rank the teachers 1 (worst) to K (best) by their scores, ties sharing the mean rank;
+    p_k = rank_k / sum_j rank_j."""
+    s = torch.tensor(scores, dtype=torch.float64)  # [K]
+    below = (s[None, :] < s[:, None]).sum(1).double()  # [K]: the teachers scoring less
+    ties = (s[None, :] == s[:, None]).sum(1).double()  # [K]: scoring the same, itself included
+    ranks = below + (ties + 1) / 2  # [K]
+    return (ranks / ranks.sum()).tolist()
 
 class TeacherSampler:
     def __init__(self, names, lr=0.1, momentum=0.9, normalize=True, seed=0, warmup=0):

@@ -13,7 +13,9 @@ import gc
 import hashlib
 import itertools
 import json
+import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,19 +70,19 @@ RECIPES = {
                     student="google-bert/bert-base-uncased", student_layers=6),
 }
 
-def choose_team(teachers, task_name, team, fine_tune):
+def choose_team(teachers, task_name, team, fine_tune, n_train):
     """(teacher checkpoints, sorted: a draw picks by position, so the order named decides nothing;
     the recipe they come from, or None). With none named, the folders in teachers/<TASK>/, where
     the team recipe is fine-tuned first when none are there (or its build was killed)."""
     folder = os.path.join("teachers", task_name)
-    recipe = None if teachers else build_team(folder, team, task_name, fine_tune)
+    recipe = None if teachers else build_team(folder, team, task_name, fine_tune, n_train)
     return sorted(teachers or find_teachers(folder)), recipe
 
-def build_team(folder, team, task_name, fine_tune):
+def build_team(folder, team, task_name, fine_tune, n_train):
     """The recipe of the team in folder (its team.json), its missing teachers fine-tuned first, each
     by fine_tune(teacher, checkpoint, lr, epochs, batch_size, out_folder), which goes on from a
     killed run; None when the folder holds teachers made otherwise. team: the recipe asked for
-    (None: the one there, or small)."""
+    (None: the one there, or small); n_train: training examples (the plan shows the steps)."""
     team_file = os.path.join(folder, "team.json")
     if os.path.isfile(team_file):
         with open(team_file) as f:
@@ -100,11 +102,12 @@ def build_team(folder, team, task_name, fine_tune):
     if not todo:
         return recipe
     epochs = recipe.epochs(task_name)
+    steps = epochs * math.ceil(n_train / recipe.batch_size)
     print(f"building the {name} team in {folder}/ ({len(todo)} of {len(recipe.teachers)} teachers "
           f"to fine-tune, {epochs} epochs each, batch {recipe.batch_size}), then AutoSKD:")
     for t in recipe.teachers:
         checkpoint, lr = recipe.teachers[t]
-        print(f"  {t}: {checkpoint}, lr {lr}" + ("" if t in todo else " (there)"))
+        print(f"  {t}: {checkpoint}, lr {lr}, " + (f"{steps} steps" if t in todo else "there"))
     for t in todo:  # every checkpoint reachable before hours go into the first
         check_checkpoint(recipe.teachers[t][0], name)
     os.makedirs(folder, exist_ok=True)
@@ -199,10 +202,14 @@ def predict(model, tokenizer, examples, max_len, device, batch_size=64, desc=Non
         dist.all_reduce(out)  # each row is nonzero on one rank only
     return out.cpu()
 
+def load_teacher(folder, device):
+    """(model in eval mode on device, its tokenizer)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval(), tokenizer
+
 def teacher_outputs(folder, name, data, max_len, device):
     """{split: logits} for every split of data, running the teacher once."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    model, tokenizer = load_teacher(folder, device)
     outputs = {}
     for split, examples in data.items():
         desc = f"teacher {name} {split}"
@@ -230,6 +237,78 @@ def load_team(names, task_name, data, max_len, cache_dir, device):
         team.append(Teacher(name, train, metrics))
         print(f"teacher {name}: {glue_data.show(metrics)}")
     return team
+
+# ------------------------------------------------------------------- the student beside its team
+SPEED_EXAMPLES = 128  # dev examples each model of the closing table is timed on
+
+def size_and_speed(model, tokenizer, examples, max_len, device):
+    """(parameters, dev examples a second): the model's weights counted, its inference timed on
+    the first SPEED_EXAMPLES examples in predict's batches (64, sorted by length) after a warm-up
+    on 8. Every model is timed alike in one process: the ratios hold where the figures do not."""
+    sample = examples.head(SPEED_EXAMPLES)
+    predict(model, tokenizer, sample.head(8), max_len, device)  # warm-up
+    start = time.perf_counter()
+    predict(model, tokenizer, sample, max_len, device)  # (its outputs on the host: synchronized)
+    seconds = time.perf_counter() - start
+    return sum(p.numel() for p in model.parameters()), len(sample) / seconds
+
+def beside_the_team(team, student, tokenizer, examples, max_len, device):
+    """{"teachers": {name: (parameters, examples a second)}, "student": (...)}: the student and
+    every teacher (loaded again, one at a time) measured by size_and_speed on the same examples;
+    None without a team."""
+    if not team:
+        return None
+    teachers = {}
+    for t in team:
+        model, teacher_tokenizer = load_teacher(local_folder(t.name), device)
+        teachers[t.name] = size_and_speed(model, teacher_tokenizer, examples, max_len, device)
+        del model
+        gc.collect()
+    student_figures = size_and_speed(student, tokenizer, examples, max_len, device)
+    return {"teachers": teachers, "student": student_figures}
+
+def closing_table(team, figures, score, kept, final):
+    """The student beside its team, as plain data: {"teachers": {name: row}, "student": row,
+    "summary", "lines"}; a row: parameters, dev score, dev examples a second (figures, from
+    beside_the_team), selection's verdict (kept: a bool per teacher, or None) and final p. The
+    summary compares the student with the largest teacher (parameters) and the best (dev score)."""
+    rows = {}
+    verdict = {True: "kept", False: "discarded"}
+    for k, t in enumerate(team):
+        parameters, speed = figures["teachers"][t.name]
+        rows[t.name] = {"parameters": parameters, "score": glue_data.score(t.dev_metrics),
+                        "examples_per_s": speed, "selection": verdict[kept[k]] if kept else "-",
+                        "p": final[k]}
+    parameters, speed = figures["student"]
+    student = {"parameters": parameters, "score": score, "examples_per_s": speed}
+    largest = max(rows, key=lambda n: rows[n]["parameters"])
+    best = max(rows, key=lambda n: rows[n]["score"])
+    best_score = rows[best]["score"]
+    summary = {"largest": largest, "best": best,
+               "fewer_parameters": rows[largest]["parameters"] / parameters,
+               "faster": speed / rows[largest]["examples_per_s"],
+               "score_kept": score / best_score if best_score > 0 else None}
+    table = {"teachers": rows, "student": student, "summary": summary}
+    return table | {"lines": table_lines(rows, student, summary)}
+
+def table_lines(rows, student, summary):
+    """closing_table's figures as a markdown table and one sentence."""
+    lines = ["| model | parameters | dev score | dev examples/s | selection | final p |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    every = list(rows.items()) + [("student", student | {"selection": "-", "p": None})]
+    for name, r in every:
+        p = "-" if r["p"] is None else f"{r['p']:.3f}"
+        shown = os.path.basename(os.path.normpath(name))
+        lines.append(f"| {shown} | {r['parameters'] / 1e6:.2f}M | {r['score']:.4f} | "
+                     f"{r['examples_per_s']:.0f} | {r['selection']} | {p} |")
+    share = summary["score_kept"]
+    share = "-" if share is None else f"{100 * share:.1f}%"
+    lines.append("")
+    lines.append(f"The student has {summary['fewer_parameters']:.1f}x fewer parameters and runs "
+                 f"{summary['faster']:.1f}x faster than the largest teacher "
+                 f"({os.path.basename(summary['largest'])}), and keeps {share} of the best "
+                 f"teacher's dev score ({os.path.basename(summary['best'])}).")
+    return lines
 
 def cached_outputs(name, folder, task_name, data, max_len, cache_dir, device):
     """{split: logits} of one teacher, from the cache, or computed and cached (rank 0 writes)."""

@@ -27,6 +27,7 @@ import distill
 import glue_data
 import model as kd
 import teachers
+import sampler
 from sampler import TeacherSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -748,6 +749,45 @@ def test_distill_end_to_end(workdir, strategy):
     assert student.config.num_hidden_layers == 1 and student.config.glue_task == "RTE"
 
 
+def tiny_bert_parameters(layers, h=16, inner=32, vocab=5 + len(WORDS), positions=64, classes=2):
+    """make_tiny_bert's parameters, counted by hand: embeddings (words, positions, 2 token types,
+    LayerNorm), each layer (q, k, v, o with biases, LayerNorm, the two feed-forward layers,
+    LayerNorm), the pooler and the classifier."""
+    embeddings = (vocab + positions + 2) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * inner + inner) + (inner * h + h) + 2 * h
+    return embeddings + layers * layer + (h * h + h) + (h * classes + classes)
+
+
+def test_every_run_ends_with_the_student_beside_its_teachers(workdir, capsys):
+    """The closing table: parameters against hand counts, speeds measured, the summary computed from
+    the table's own columns; metrics.json, the card and the screen hold the same lines; progress
+    and the plan name what runs; a run without a team ends with no table."""
+    m = run(FAST + ["--out_dir", "runs/beside"], workdir)
+    printed = capsys.readouterr()
+    table = m["beside_the_team"]
+    rows, student, summary = table["teachers"], table["student"], table["summary"]
+    assert {n: r["parameters"] for n, r in rows.items()} == {
+        "teachers/RTE/big": tiny_bert_parameters(3), "teachers/RTE/small": tiny_bert_parameters(1)}
+    assert student["parameters"] == tiny_bert_parameters(1)  # FAST: the bottom layer
+    assert all(r["examples_per_s"] > 0 for r in list(rows.values()) + [student])
+    assert summary["largest"] == "teachers/RTE/big" and student["score"] == m["score"]
+    best = max(rows.values(), key=lambda r: r["score"])
+    assert summary["fewer_parameters"] == rows["teachers/RTE/big"]["parameters"] / student["parameters"]
+    assert summary["faster"] == student["examples_per_s"] / rows["teachers/RTE/big"]["examples_per_s"]
+    assert summary["score_kept"] == student["score"] / best["score"]
+    assert sorted(r["selection"] for r in rows.values()) == ["discarded", "kept"]
+    assert sum(r["p"] for r in rows.values()) == pytest.approx(1)
+    card = open(os.path.join(workdir, "runs/beside/README.md")).read()
+    assert "\n".join(table["lines"]) in card and printed.out.rstrip().endswith("\n".join(table["lines"]))
+    assert f"| small | {tiny_bert_parameters(1) / 1e6:.2f}M | {rows['teachers/RTE/small']['score']:.4f} |" in card
+    assert "AutoSKD: phase-1 6 steps, teacher selection, phase-2 6 steps" in printed.out
+    assert "student: 1 epoch(s), 6 steps" in printed.out and "phase-1 epoch 1/1" in printed.err
+    none = run(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"),
+                       "--out_dir", "runs/beside-none"], workdir)
+    assert none["beside_the_team"] == {} and "| model |" not in capsys.readouterr().out
+    assert "| model |" not in open(os.path.join(workdir, "runs/beside-none/README.md")).read()
+
+
 def test_missing_data_is_fetched_from_the_hub(workdir, tmp_path, monkeypatch, capsys):
     """No <data_dir>/<TASK>: distill.py writes it as glue_data.py --download does, then goes on."""
     import types
@@ -792,6 +832,9 @@ def test_a_fresh_folder_to_a_distilled_student_in_one_command(tmp_path):
     assert code == 0, out[-3000:]
     assert "no RTE data in glue_data/RTE" in out and "building the small team in teachers/RTE/" in out
     names = list(recipe.teachers)
+    assert all(f"fine-tune {n} epoch 4/4" in out for n in names), out[-3000:]  # progress says what runs
+    assert __import__("re").search(rf"  {names[0]}: .*, lr .*, \d+ steps", out)  # the plan, with steps
+    assert "AutoSKD: phase-1 " in out and "student epoch 1/1" in out and "| model | parameters |" in out
     done = {n: os.path.getmtime(os.path.join(fresh, "teachers/RTE", n, "metrics.json")) for n in names}
     student = json.load(open(os.path.join(fresh, "runs/RTE-auto-seed0/config.json")))
     assert student["base_model"] == recipe.student
@@ -844,8 +887,8 @@ def test_skd_draws_from_a_fixed_distribution(workdir):
     ranks = glue_data.ranks(scores)
     dist = json.load(open(os.path.join(workdir, "runs/skd/distribution.json")))
     assert dist["final"] == pytest.approx([r / sum(ranks) for r in ranks]) and "phase1" not in dist
-    assert distill.teacher_rank([0.7, 0.9, 0.8]) == pytest.approx([1 / 6, 3 / 6, 2 / 6])
-    assert distill.teacher_rank([0.7, 0.7]) == pytest.approx([0.5, 0.5])  # a tie shares the mean rank
+    assert sampler.teacher_rank([0.7, 0.9, 0.8]) == pytest.approx([1 / 6, 3 / 6, 2 / 6])
+    assert sampler.teacher_rank([0.7, 0.7]) == pytest.approx([0.5, 0.5])  # a tie shares the mean rank
     run(FAST + ["--strategy", "skd", "--weights", "3", "1", "--out_dir", "runs/skd-weights"], workdir)
     dist = json.load(open(os.path.join(workdir, "runs/skd-weights/distribution.json")))
     assert dist["final"] == pytest.approx([0.75, 0.25])
@@ -1346,7 +1389,7 @@ def test_a_nan_loss_stops_with_its_step(workdir, monkeypatch):
         return real(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(kd, "kd_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="final epoch 1 step 3: the loss is nan"):
+    with pytest.raises(FloatingPointError, match="student epoch 1 step 3: the loss is nan"):
         run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/nan"], workdir)
 
 
@@ -1450,7 +1493,7 @@ def test_bench_transfer_set_and_skd_rows(tiny_bench):
     for d in dirs:
         runs = result["runs"][f"single ({os.path.basename(d)})"]
         alone.append(statistics.mean(glue_data.score(runs[s]["dev"]) for s in "01"))
-    assert args("skd (student-rank)")["weights"] == pytest.approx(distill.teacher_rank(alone))
+    assert args("skd (student-rank)")["weights"] == pytest.approx(sampler.teacher_rank(alone))
     others = {"uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)"}
     assert set(result["learned"]["auto"]["vs"]) >= others
 
@@ -1531,6 +1574,27 @@ def test_bench_pilot_and_selection(tiny_bench):
     assert all(sorted(r["teachers"]) == sorted(bench.THREE) for r in rows[2:])
     assert all(sum(t["kept"] for t in r["teachers"].values()) == 2 for r in rows[2:])
     assert "| three | 4 |" in open(os.path.join(out, "MRPC-selection.md")).read()
+    three = json.load(open(os.path.join(out, "MRPC", "auto-three-seed0", "distribution.json")))
+    assert len(three["whole_batch"]) == len(three["phase1"]) and len(three["whole_batch"][0]) == 3
+    assert all(-1 <= r["tau_whole"] <= 1 and r["harmful_z_whole"] == r["harmful_z_whole"] for r in rows[2:])
+
+
+def test_bench_audit_measures_the_reward_the_run_uses(workdir):
+    """With --lookahead_share 1 the whole batch is what the run scores: the audit's values are the
+    logged rewards, bit for bit, and the run's outputs are those of a run without the audit."""
+    import bench
+    argv = FAST + ["--lookahead_share", "1", "--cache_dir", os.path.join(workdir, "cache")]
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        bench.audited_run(argv + ["--out_dir", "runs/audited"])
+        bench.run(argv + ["--out_dir", "runs/plain"])
+    finally:
+        os.chdir(old)
+    audited, plain = (json.load(open(os.path.join(workdir, f"runs/{r}/distribution.json")))
+                      for r in ("audited", "plain"))
+    assert audited.pop("whole_batch") == [r for _, r in plain["rewards"][:len(plain["phase1"])]]
+    assert audited == plain
 
 
 def test_bench_teacher_share_of_reward_variance():
@@ -1642,6 +1706,23 @@ def test_bench_resumes_a_killed_run(workdir, monkeypatch):
         bench.run(argv + ["--alpha", "0.25"])  # not reused: it would answer another question
 
 
+def test_bench_first_run_serves_each_recipe_name_with_its_configuration(tiny_bert, tmp_path):
+    """--first_run's local hub: every hub name of a recipe loads offline, as a BERT of the shape its
+    name gives (layers, hidden size, heads; feed-forward 4x) with the tokenizer given."""
+    import bench
+    recipe = teachers.Recipe({"a": ("google/bert_uncased_L-2_H-16_A-2", 1e-3)}, epochs=lambda task: 1,
+                             student="google/bert_uncased_L-1_H-8_A-2")
+    bench.recipe_hub(str(tmp_path), recipe, tiny_bert)
+    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    code = ("from transformers import AutoConfig, AutoTokenizer\n"
+            "for n in ['google/bert_uncased_L-2_H-16_A-2', 'google/bert_uncased_L-1_H-8_A-2']:\n"
+            "    c = AutoConfig.from_pretrained(n)\n"
+            "    print(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,"
+            " AutoTokenizer.from_pretrained(n).vocab_size)\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.stdout.split("\n")[:2] == [f"2 16 2 64 {5 + len(WORDS)}", f"1 8 2 32 {5 + len(WORDS)}"], p.stderr
+
+
 def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     import bench
     monkeypatch.setattr(bench, "in_fresh_process", bench.measured)  # (spawning 6 processes is slow here)
@@ -1656,4 +1737,4 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
     assert "| phase-1 step, lookahead reward / fine-tuning step |" in open(os.path.join(out, "speed-cpu.md")).read()
     assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
-    assert result["runs"]["auto, 8 teachers, whole batch"]["phase1_step_s"] > 0
+    assert result["runs"]["auto, 8 teachers, share 0.25"]["phase1_step_s"] > 0
