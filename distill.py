@@ -630,8 +630,8 @@ def save(loop, student, team, sampler, test, figures):
         glue_data.write_predictions(a.task, split, labels, out)
     if os.path.exists(loop.resume_path):
         os.remove(loop.resume_path)  # the run is complete
-    print(f"done in {loop.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}")
-    print("\n".join(table.get("lines", [])))  # the student beside its teachers
+    done = f"done in {loop.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}"
+    print("\n".join([done] + table.get("lines", [])))  # then the student beside its teachers
 
 if __name__ == "__main__":
     arguments = parse_args()
