@@ -113,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
     p.add_argument("--selection", action="store_true", help="check teacher selection (see above)")
-    p.add_argument("--lookahead_share", type=float, help="--selection: distill.py's, for every run")
+    p.add_argument("--lookahead_share", type=float, help="distill.py's, for every "
+                   "student's run (default: distill.py's)")
     p.add_argument("--speed", action="store_true", help="measure speed and memory instead (see above)")
     p.add_argument("--first_run", action="store_true", help="time the default command (see above)")
     return p.parse_args(argv)
@@ -166,6 +167,10 @@ def write_text(path, text):
     glue_data.write_atomic(path, lambda f: f.write(text))
 
 
+AUTO_FLAGS = ("phase1_epochs", "phase2_epochs", "heldout", "reward", "probe_every", "probe_size",
+              "lookahead_share", "keep")  # read only by --strategy auto, to learn p
+
+
 def run(argv):
     """distill.main on argv unless its metrics.json exists (its output goes to run.log); metrics.json.
 
@@ -186,7 +191,10 @@ def run(argv):
     for flags in (wanted, had):
         flags["teachers"] = sorted(flags.get("teachers") or [])  # the order named decides nothing
     # a run moved or linked to another folder is still the same run
-    other = distill.differing_flags(wanted, had, distill.FREE_FLAGS + ("out_dir",))
+    same_run = distill.FREE_FLAGS + ("out_dir",)
+    if wanted["strategy"] != "auto":
+        same_run += AUTO_FLAGS  # flags no other strategy reads
+    other = distill.differing_flags(wanted, had, same_run)
     if other:
         raise ValueError(f"{args.out_dir} holds a run made with other flags "
                          f"(--{', --'.join(other)}): bench into another --out, or delete it")
@@ -285,15 +293,23 @@ def student_rank_flags(a, members, dirs, done):
 
 
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
-    """distill.py's flags for one run of the bench: every run has the same student and budget."""
+    """distill.py's flags for one run of the bench: every run has the same student and budget. An
+    auto run at a --lookahead_share given to the bench has its own folder."""
+    if strategy == "auto" and a.lookahead_share is not None:
+        name += f"-share{a.lookahead_share}"
     argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len),
             "--cache_dir", os.path.join(work, "cache"), "--data_dir", data_dir,
             "--strategy", strategy, "--student", a.base_model,
             "--student_layers", str(a.student_layers), "--epochs", str(a.epochs), "--lr", str(a.lr),
-            "--seed", str(seed), "--out_dir", os.path.join(work, name)]
+            "--seed", str(seed), "--out_dir", os.path.join(work, name)] + share_flag(a)
     if teachers and a.transfer:
         argv += ["--transfer", os.path.join(work, "transfer", a.task + ".tsv")]
     return argv + (["--teachers"] + teachers if teachers else [])
+
+
+def share_flag(a):
+    """bench.py's --lookahead_share for a student's run (none given: distill.py's default)."""
+    return [] if a.lookahead_share is None else ["--lookahead_share", str(a.lookahead_share)]
 
 
 def team_members(a):
@@ -746,15 +762,13 @@ def selection(a, members, work, data_dir, dirs, t0):
     """AutoSKD on the bench's team (its auto row: same runs, reused) and on the team of three with
     --keep 2 over seeds 0-4; per run, every teacher's phase-1 evidence and what selection did."""
     at = dict(zip(members, dirs))
-    share = [] if a.lookahead_share is None else ["--lookahead_share", str(a.lookahead_share)]
-    tag = "" if a.lookahead_share is None else f"share{a.lookahead_share}-"
     argvs = {}
     for seed in a.seeds:
-        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-{tag}seed{seed}", dirs,
-                                       seed) + share
+        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs,
+                                       seed)
     for seed in range(5):
-        argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-{tag}seed{seed}",
-                                        [at[n] for n in THREE], seed) + ["--keep", "2"] + share
+        argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
+                                        [at[n] for n in THREE], seed) + ["--keep", "2"]
     run_all(a.jobs, argvs, t0, audited_run)
     columns = " | ".join(f"{n}: reward ± se, p" for n in members)
     lines = [f"| team | seed | {columns} | harmful below every kept teacher by (standard errors) | "

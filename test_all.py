@@ -1597,6 +1597,32 @@ def test_bench_audit_measures_the_reward_the_run_uses(workdir):
     assert audited == plain
 
 
+def test_bench_reuses_a_run_at_flags_its_strategy_never_reads(workdir):
+    """Only auto reads --lookahead_share: a uniform run made at another value is the same run and is
+    reused, an auto run is not; bench.py gives an auto run at a share it was given its own folder."""
+    import bench
+    argv = FAST + ["--cache_dir", os.path.join(workdir, "cache")]
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for strategy in ("uniform", "auto"):
+            first = bench.run(argv + ["--strategy", strategy, "--out_dir", f"runs/reuse-{strategy}"])
+            again = argv + ["--strategy", strategy, "--out_dir", f"runs/reuse-{strategy}",
+                            "--lookahead_share", "0.5"]
+            if strategy == "uniform":
+                assert bench.run(again) == first
+            else:
+                with pytest.raises(ValueError, match="--lookahead_share"):
+                    bench.run(again)
+    finally:
+        os.chdir(old)
+    a = bench.parse_args(["--task", "RTE", "--base_model", "m", "--lookahead_share", "0.5"])
+    for strategy, folder in [("auto", "auto-seed0-share0.5"), ("none", "none-seed0")]:
+        argv = bench.run_argv(a, "w", "d", strategy, folder.split("-share")[0], [], 0)
+        assert argv[argv.index("--out_dir") + 1] == os.path.join("w", folder)
+        assert argv[argv.index("--lookahead_share") + 1] == "0.5"
+
+
 def test_bench_teacher_share_of_reward_variance():
     import bench
     rng = np.random.default_rng(0)
