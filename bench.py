@@ -30,7 +30,8 @@ The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md.
 
 runs instead AutoSKD alone, on the same team (the same runs as the full bench's auto row) and on a
 team of three (two helpful teachers and the contradicting one, --keep 2, five seeds), and writes
-results/<TASK>-selection.md: each teacher's phase-1 evidence, its p, and what selection made of it.
+results/<TASK>-selection.md (with --lookahead_share X: <TASK>-selection-shareX.md): each teacher's
+phase-1 evidence, its p, what selection made of it, and the whole batch's evidence beside it.
 
     python bench.py --speed --task MRPC --base_model <hub name or folder>
 
@@ -800,8 +801,10 @@ def selection(a, members, work, data_dir, dirs, t0):
               f"runs would have had at every phase-1 step from every example of the batch "
               f"(--lookahead_share 1), measured beside it; tau: Kendall's tau between the "
               f"teachers' mean phase-1 rewards on the share and on the whole batch."]
-    write_text(os.path.join(a.out, f"{a.task}-selection.json"), portable(json.dumps(rows, indent=1)))
-    write_text(os.path.join(a.out, f"{a.task}-selection.md"), "\n".join(lines) + "\n")
+    name = f"{a.task}-selection" + ("" if a.lookahead_share is None else
+                                     f"-share{a.lookahead_share}")  # a given share: files of its own
+    write_text(os.path.join(a.out, name + ".json"), portable(json.dumps(rows, indent=1)))
+    write_text(os.path.join(a.out, name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
