@@ -296,8 +296,8 @@ def student_rank_flags(a, members, dirs, done):
 def run_argv(a, work, data_dir, strategy, name, teachers, seed):
     """distill.py's flags for one run of the bench: every run has the same student and budget. An
     auto run at a --lookahead_share given to the bench has its own folder."""
-    if strategy == "auto" and a.lookahead_share is not None:
-        name += f"-share{a.lookahead_share}"
+    if strategy == "auto":
+        name += share_tag(a)
     argv = ["--task", a.task, "--max_seq_len", str(a.max_seq_len),
             "--cache_dir", os.path.join(work, "cache"), "--data_dir", data_dir,
             "--strategy", strategy, "--student", a.base_model,
@@ -311,6 +311,12 @@ def run_argv(a, work, data_dir, strategy, name, teachers, seed):
 def share_flag(a):
     """bench.py's --lookahead_share for a student's run (none given: distill.py's default)."""
     return [] if a.lookahead_share is None else ["--lookahead_share", str(a.lookahead_share)]
+
+
+def share_tag(a):
+    """What names an auto run's folder and --selection's files at a --lookahead_share given to the
+    bench ("" at distill.py's default)."""
+    return "" if a.lookahead_share is None else f"-share{a.lookahead_share}"
 
 
 def team_members(a):
@@ -765,8 +771,7 @@ def selection(a, members, work, data_dir, dirs, t0):
     at = dict(zip(members, dirs))
     argvs = {}
     for seed in a.seeds:
-        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs,
-                                       seed)
+        argvs["team", seed] = run_argv(a, work, data_dir, "auto", f"auto-seed{seed}", dirs, seed)
     for seed in range(5):
         argvs["three", seed] = run_argv(a, work, data_dir, "auto", f"auto-three-seed{seed}",
                                         [at[n] for n in THREE], seed) + ["--keep", "2"]
@@ -801,8 +806,7 @@ def selection(a, members, work, data_dir, dirs, t0):
               f"runs would have had at every phase-1 step from every example of the batch "
               f"(--lookahead_share 1), measured beside it; tau: Kendall's tau between the "
               f"teachers' mean phase-1 rewards on the share and on the whole batch."]
-    name = f"{a.task}-selection" + ("" if a.lookahead_share is None else
-                                     f"-share{a.lookahead_share}")  # a given share: files of its own
+    name = f"{a.task}-selection{share_tag(a)}"
     write_text(os.path.join(a.out, name + ".json"), portable(json.dumps(rows, indent=1)))
     write_text(os.path.join(a.out, name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1604,21 +1604,21 @@ def test_bench_reuses_a_run_at_flags_its_strategy_never_reads(workdir):
     argv = FAST + ["--cache_dir", os.path.join(workdir, "cache")]
     old = os.getcwd()
     os.chdir(workdir)
+    uniform = argv + ["--strategy", "uniform", "--out_dir", "runs/reuse-uniform"]
+    auto = argv + ["--strategy", "auto", "--out_dir", "runs/reuse-auto"]
+    half = ["--lookahead_share", "0.5"]
     try:
-        for strategy in ("uniform", "auto"):
-            first = bench.run(argv + ["--strategy", strategy, "--out_dir", f"runs/reuse-{strategy}"])
-            again = argv + ["--strategy", strategy, "--out_dir", f"runs/reuse-{strategy}",
-                            "--lookahead_share", "0.5"]
-            if strategy == "uniform":
-                assert bench.run(again) == first
-            else:
-                with pytest.raises(ValueError, match="--lookahead_share"):
-                    bench.run(again)
+        first = bench.run(uniform)
+        assert bench.run(uniform + half) == first
+        bench.run(auto)
+        with pytest.raises(ValueError, match="--lookahead_share"):
+            bench.run(auto + half)
     finally:
         os.chdir(old)
-    a = bench.parse_args(["--task", "RTE", "--base_model", "m", "--lookahead_share", "0.5"])
-    for strategy, folder in [("auto", "auto-seed0-share0.5"), ("none", "none-seed0")]:
-        argv = bench.run_argv(a, "w", "d", strategy, folder.split("-share")[0], [], 0)
+    a = bench.parse_args(["--task", "RTE", "--base_model", "m"] + half)
+    for strategy, name, folder in [("auto", "auto-seed0", "auto-seed0-share0.5"),
+                                   ("none", "none-seed0", "none-seed0")]:
+        argv = bench.run_argv(a, "w", "d", strategy, name, [], 0)
         assert argv[argv.index("--out_dir") + 1] == os.path.join("w", folder)
         assert argv[argv.index("--lookahead_share") + 1] == "0.5"
 
