@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -150,8 +151,7 @@ def finished_already(args):
     resumable = os.path.isfile(os.path.join(args.out_dir, "resume.pt"))
     finished = args.resume and os.path.isfile(metrics) and not resumable
     if finished:
-        print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; "
-              f"its results are left as they are")
+        print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; left as is")
     return finished
 
 def setup(args, team, device):
@@ -254,9 +254,7 @@ class Loop:
         student = kd.build_student(base, labels, a.student_layers, a.task)[0].to(self.device)
         if self.rank:
             torch.manual_seed(a.seed + 1000 * self.rank)  # each rank its own dropout masks
-        self.net = student
-        if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+        self.net = DDP(student, forward_sync_buffers=False) if self.world > 1 else student
         steps = self.steps(epochs, n_train)
         warmup = max(1, steps // 10)
         opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.01)
@@ -302,8 +300,7 @@ class Loop:
         """Train student for `epochs` over train_idx. Every step: teacher k ~ Categorical(p) (k = 0
         without a sampler), the KD loss on soft[k] (soft [K, N, C]; None: the labels alone), an
         AdamW step; with a reward (phases 1-2), the sampler learns from it."""
-        parts = {"student": student, "opt": opt, "sched": sched, "sampler": sampler,
-                 "reward": reward}
+        parts = dict(student=student, opt=opt, sched=sched, sampler=sampler, reward=reward)
         start = self.restore(phase, parts)
         if start is None:
             return  # the phase had finished before the run was killed
@@ -345,9 +342,8 @@ class Loop:
         self.timings[phase + "_steps_s"] = self.timings.get(phase + "_steps_s", 0) + seconds
 
     def step(self, loss, parts, bar, where, read):
-        """Backward, clip, AdamW and schedule steps. A NaN loss stops the run before it reaches the
-        weights: the loss is read on the host every step on CPU; on GPU every 50 steps and when
-        `read`."""
+        """Backward, clip, AdamW and schedule steps. A NaN loss stops the run before the weights get
+        it: read on the host every step on CPU; on GPU every 50 steps and when `read`."""
         ema = loss.detach() if self.ema is None else 0.98 * self.ema + 0.02 * loss.detach()
         self.ema = ema  # (a NaN stays in it)
         if self.device.type == "cpu" or bar.n % 50 == 0 or read:
@@ -409,9 +405,8 @@ class Loop:
         return r
 
     def restore(self, phase, parts):
-        """Where `phase` starts: (epoch, batch, step); None when it had finished before the run was
-        killed. The checkpoint's states go back into parts (the sampler's also for finished
-        phases)."""
+        """(epoch, batch, step) where `phase` starts; None if it finished before the run was killed.
+        The checkpoint's states go back into parts (the sampler's also for finished phases)."""
         r = self.resume
         if r is None or PHASES.index(r["phase"]) < PHASES.index(phase):
             return 1, 0, 0
@@ -541,8 +536,7 @@ class Reward:
         self.values = L.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
 
     def measure(self, student, mine):
-        """h (lookahead) or the held-out loss (step) on this rank's held-out examples, averaged
-        over ranks."""
+        """h (lookahead) or the held-out loss (step): this rank's examples mine, mean over ranks."""
         L = self.loop
         batch, i = L.batch(mine)
         with torch.autocast(L.device.type, torch.bfloat16, enabled=L.device.type == "cuda"):
@@ -648,3 +642,9 @@ if __name__ == "__main__":
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # A gloo thread may free the last barrier's tensor late, which needs the interpreter: one
+        # already shutting down aborts (SIGABRT). All is written, so the worker skips the shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
