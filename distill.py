@@ -77,6 +77,8 @@ def add_training_flags(p):
     p.add_argument("--sampler_warmup", type=int, default=0, help="steps whose rewards only set b")
     p.add_argument("--heldout", type=float, default=0.1, help="train's share held out for rewards")
     p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"))
+    p.add_argument("--reward_reach", default="student", choices=("output", "student"),
+                   help="the weights the lookahead looks through: the output layer, or all")
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing a held-out batch")
     p.add_argument("--probe_size", type=int, help="held-out batch size (default: --batch_size)")
     p.add_argument("--lookahead_share", type=float, default=1.0, help="share scored")
@@ -273,15 +275,22 @@ class Loop:
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b, b.pop("idx")
 
-    def loss(self, student, idx, soft_k):
-        """KD loss of the examples idx; soft_k [N, C]: one teacher's soft targets, or None (the
-        labels alone)."""
+    def loss(self, student, idx, soft_k, layer=None):
+        """(KD loss of the examples idx, seen); soft_k [N, C]: one teacher's soft targets, or None
+        (the labels alone); seen: (u, z) at layer (features_and_logits), None without a layer."""
         a = self.args
         b, i = self.batch(idx)
+        seen = None
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = student(**b).logits.float()  # [B, C], bf16 autocast on GPU
+            if layer is None:
+                logits = student(**b).logits
+            else:
+                seen = features_and_logits(student, b, layer)
+                logits = seen[1]
+        logits = logits.float()  # [B, C], bf16 autocast on GPU
         targets = soft_k[i] if soft_k is not None else None
-        return kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
+        loss = kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
+        return loss, seen
 
     def reduce_mean(self, value, n):
         """Mean over ranks of a per-rank mean of n examples: a tensor of any shape, or a list of
@@ -320,12 +329,13 @@ class Loop:
                 k = sampler.sample() if sampler else 0
                 if reward:
                     reward.before(student, idx, step, opt.param_groups[0]["lr"], sampler.active)
-                loss = self.loss(self.net, idx, soft[k] if soft is not None else None)
+                soft_k = soft[k] if soft is not None else None
+                loss, seen = self.loss(self.net, idx, soft_k, reward.layer if reward else None)
                 save = (step + 1) % self.args.save_every == 0
                 where = f"{self.shown[phase]} epoch {epoch} step {step + 1}"
                 self.step(loss, parts, bar, where, read=save or i == len(order) - 1)
                 if reward:
-                    sampler.update(k, reward.after(student, step))  # only theta_k moves
+                    sampler.update(k, reward.after(student, step, seen))  # only theta_k moves
                 step += 1
                 if save:
                     self.checkpoint(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
@@ -431,18 +441,85 @@ def differing_flags(these, those, free=FREE_FLAGS):
 
 # ------------------------------------------------------------------------------- the reward
 # The reward as plain functions of a model and tensors: copy them into any training loop.
-# --reward lookahead (default): before a step, EVERY teacher j is scored on the step's batch by how
-# much a step of size lr on its soft targets would lower the held-out expected error E, to first
-# order. Teacher j's step is -lr * g_j, so with z [B, C] the batch's logits:
+# --reward lookahead (default): EVERY teacher j is scored on the step's batch by how much a step of
+# size lr on its soft targets would lower the held-out expected error E, to first order. Teacher
+# j's step is -lr * g_j, so with z [B, C] the batch's logits:
 #
 #     r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
 #
-# Teachers differ only in dL_j/dz, so ONE product J h (forward-mode AD: one forward pass that
-# carries the direction h) scores the whole team on the same batch and the same held-out examples,
-# and the sampler's baseline sum_j p_j r_j cancels what the batch adds to all of them. A known
-# bias: r_j - r_k is linear in the soft targets q_k - q_j, so of two teachers right as often the
-# less sure one scores less (one step sees the pull, not where a whole run ends; results/README.md).
-# --reward step: the drawn teacher alone, the held-out loss before its step minus after it.
+# Teachers differ only in dL_j/dz (teacher_pulls), so ONE product J h scores the whole team on the
+# same batch and held-out examples, and the sampler's baseline sum_j p_j r_j cancels what the batch
+# adds to all of them. A known bias: r_j - r_k is linear in the soft targets q_k - q_j, so of two
+# teachers right as often the less sure one scores less (results/README.md).
+#
+# --reward_reach output (default): theta is the output layer alone, z = W u + b (u [B, d]: the
+# features it reads). Then J h needs no pass through the body, as in GLISTER-ONLINE's one-step
+# lookahead from last-layer gradients (Killamsetty et al., AAAI 2021), with u' the held-out features:
+#
+#     (J h)_i = h_W u_i + h_b,   h_W = sum_m dE/dz'_m u'_m^T,   h_b = sum_m dE/dz'_m
+#
+# u and z come from the training step's own forward: the reward costs no pass of its own.
+# --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
+# fine-tuning step's work). --reward step: the drawn teacher alone, the held-out loss before its
+# step minus after it.
+def output_layer(model):
+    """The layer whose output is the logits: the last nn.Linear with one output per label (BERT's
+    and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
+    features_and_logits checks that its output is the logits."""
+    n = model.config.num_labels
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear layer with {n} outputs: use "
+                         f"--reward_reach student")
+    return linears[-1]
+
+def features_and_logits(model, batch, layer):
+    """(u [B, d], z [B, C]): what the output layer reads, and the logits of model(**batch)."""
+    seen = []
+    hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
+    try:
+        z = model(**batch).logits
+    finally:
+        hook.remove()
+    u, out = seen[-1]
+    if out.shape != z.shape or not torch.equal(out, z):
+        raise ValueError(f"the logits of {type(layer).__name__} are not its output layer's output "
+                         f"(a head that pools after it): use --reward_reach student")
+    return u, z
+
+def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
+    """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
+    targets soft [K, B, C]; labels [B]; labelled [B] bool (None: all labelled)."""
+    z = z.detach().requires_grad_()
+    pulls = []
+    with torch.enable_grad():
+        for soft_j in soft:
+            loss = kd.kd_loss(z, labels, soft_j, temperature, alpha, labelled)
+            pulls.append(torch.autograd.grad(loss, z)[0])
+    return torch.stack(pulls)
+
+@torch.no_grad()
+def heldout_output_grad(model, batch, labels):
+    """h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected error
+    E on held-out examples over the layer's weight and bias, from one forward without gradients,
+    dropout off. batch: {input name: [H, L]}; labels [H]."""
+    layer = output_layer(model)
+    was_training = model.training
+    model.eval()
+    u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
+    model.train(was_training)
+    dE_dz = kd.expected_error_grad(z.float(), labels)  # [H, C]
+    h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
+    h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
+    return [h_W, h_b]
+
+def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled=None):
+    """Every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]: u [B, d] and z
+    [B, C] from features_and_logits; h from heldout_output_grad; the rest as lookahead_rewards."""
+    h_W, h_b = h
+    jh = u.detach().to(h_W.dtype) @ h_W.T + h_b  # [B, C]
+    return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
+
 def heldout_grad(model, batch, labels):
     """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),
     dropout off, over the trainable weights: a list of tensors in model.parameters() order, each
@@ -458,9 +535,10 @@ def heldout_grad(model, batch, labels):
     return list(h)
 
 def lookahead_rewards(model, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
-    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch, [K] (see above). batch: {input name:
-    [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets (model.soft_targets); h from
-    heldout_grad; labelled [B] bool, False for transfer examples (None: all labelled)."""
+    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch through every trainable weight, [K].
+    batch: {input name: [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets
+    (model.soft_targets); h from heldout_grad; labelled [B] bool, False for transfer examples
+    (None: all labelled)."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as in h
     names = [n for n, _ in trained]
     weights = tuple(p.detach() for _, p in trained)
@@ -475,12 +553,7 @@ def lookahead_rewards(model, batch, labels, soft, h, lr, temperature, alpha, lab
     with torch.autocast(weights[0].device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
     model.train(was_training)
-    z = z.detach().requires_grad_()
-    dz = []  # dL_j/dz for every teacher j: [K] of [B, C]
-    for soft_j in soft:
-        loss = kd.kd_loss(z, labels, soft_j, temperature, alpha, labelled)
-        dz.append(torch.autograd.grad(loss, z)[0])
-    return lr * (torch.stack(dz) * jh).sum((1, 2))  # [K]
+    return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
 
 @torch.no_grad()
 def heldout_loss(model, batch, labels):
@@ -500,6 +573,7 @@ class Reward:
         self.heldout = heldout  # [H] indices of held-out training examples
         self.soft = soft  # [K, N, C]
         self.is_lookahead = loop.args.reward == "lookahead"
+        self.reach = loop.args.reward_reach if self.is_lookahead else None
         size = min(len(heldout), loop.args.probe_size or loop.args.batch_size)
         probes = glue_data.batches(loop.lengths[heldout], size)
         self.probes = [b for b in probes if len(b) >= loop.world]  # every rank takes a share
@@ -507,7 +581,9 @@ class Reward:
             raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} "
                              f"processes: raise --probe_size or --heldout")
         self.state = None  # h (lookahead) or the held-out loss (step): what the next reward needs
-        self.values = None  # lookahead: the step's r_j, [K] floats
+        self.layer = None  # reach output: the layer whose features the step's forward hands over
+        self.scored = None  # lookahead: (the batch, its rows scored, their share, the step's lr)
+        self.values = None  # reach student: the step's r_j, [K] floats
 
     def probe(self, step):
         """The held-out examples of this step (a batch kept for --probe_every steps)."""
@@ -516,23 +592,27 @@ class Reward:
 
     def before(self, student, idx, step, lr, active=None):
         """Before the step on the batch idx: h or the held-out loss, measured anew every
-        --probe_every steps; lookahead: every teacher's r_j on this batch, scored on the
-        --lookahead_share of it where the teachers in play (active: K bools) differ most."""
+        --probe_every steps. lookahead: the rows scored, the --lookahead_share of the batch where
+        the teachers in play (active: K bools) differ most; reach student: their r_j, now."""
         L = self.loop
         a = L.args
         if step % a.probe_every == 0 or self.state is None:
             self.state = self.measure(student, self.probe(step)[L.rank::L.world])
         if not self.is_lookahead:
             return
-        scored = idx
+        rows = list(range(len(idx)))
         m = math.ceil(a.lookahead_share * len(idx))
         if m < len(idx):
             in_play = self.soft[:, idx][torch.tensor(active or [True] * len(self.soft))]
-            scored = [idx[j] for j in kd.where_teachers_differ(in_play, m).tolist()]
-        batch, i = L.batch(scored)
+            rows = kd.where_teachers_differ(in_play, m).tolist()
+        share = len(rows) / len(idx)  # as a mean over the batch: the rest adds next to nothing
+        self.scored = (idx, rows, share, lr)
+        if self.reach == "output":
+            self.layer = output_layer(student)  # after(): from the step's own features
+            return
+        batch, i = L.batch([idx[j] for j in rows])
         values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state, lr,
                                    a.temperature, a.alpha, L.labelled[i])
-        share = len(scored) / len(idx)  # as a mean over the batch: the rest adds next to nothing
         self.values = L.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
 
     def measure(self, student, mine):
@@ -542,13 +622,23 @@ class Reward:
         with torch.autocast(L.device.type, torch.bfloat16, enabled=L.device.type == "cuda"):
             if not self.is_lookahead:
                 return float(L.reduce_mean(heldout_loss(student, batch, L.labels[i]), len(mine)))
-            return L.reduce_mean(heldout_grad(student, batch, L.labels[i]), len(mine))
+            measure = heldout_output_grad if self.reach == "output" else heldout_grad
+            return L.reduce_mean(measure(student, batch, L.labels[i]), len(mine))
 
-    def after(self, student, step):
-        """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step)."""
+    def after(self, student, step, seen=None):
+        """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step).
+        seen: (u [B, d], z [B, C]) of the step's own forward (reach output)."""
+        L = self.loop
+        if self.reach == "output":
+            idx, rows, share, lr = self.scored
+            i = torch.tensor([idx[j] for j in rows], device=L.device)
+            u, z = (x.detach()[torch.tensor(rows, device=x.device)].float() for x in seen)
+            values = output_layer_rewards(u, z, L.labels[i], self.soft[:, i], self.state, lr,
+                                          L.args.temperature, L.args.alpha, L.labelled[i])
+            return L.reduce_mean(values * share, 1).tolist()  # [K]
         if self.is_lookahead:
             return self.values
-        loss = self.measure(student, self.probe(step)[self.loop.rank::self.loop.world])
+        loss = self.measure(student, self.probe(step)[L.rank::L.world])
         reward = self.state - loss
         self.state = loss
         return reward

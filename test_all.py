@@ -1162,7 +1162,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
         if trained:
             opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
             for _ in range(100):
-                loop.loss(student, list(range(32)), None).backward()
+                loop.loss(student, list(range(32)), None)[0].backward()
                 opt.step()
                 opt.zero_grad()
         student.train(trained)  # either mode: the functions switch dropout off and restore the mode
@@ -1254,8 +1254,8 @@ def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
     the first epoch of a phase without a reward (final, and plain fine-tuning) included."""
     loop, base = tiny_loop(tmp_path, ["--student_layers", "1", "--batch_size", "16"], 64)
     modes, real = [], distill.Loop.loss
-    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k: modes.append(net.training) or real(
-        self, net, idx, soft_k))
+    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k, layer=None: modes.append(
+        net.training) or real(self, net, idx, soft_k, layer))
     soft = kd.soft_targets(torch.randn(2, 64, 2), 2.0)
     for phase, sampler, reward in [("final", None, None), ("phase1", TeacherSampler(["a", "b"]), "yes")]:
         student, opt, sched = loop.new_student(base, 1, 64)
