@@ -31,7 +31,8 @@ The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md.
 runs instead AutoSKD alone, on the same team (the same runs as the full bench's auto row) and on a
 team of three (two helpful teachers and the contradicting one, --keep 2, five seeds), and writes
 results/<TASK>-selection.md (with --lookahead_share X: <TASK>-selection-shareX.md): each teacher's
-phase-1 evidence, its p, what selection made of it, and the whole batch's evidence beside it.
+phase-1 evidence, its p, what selection made of it, and beside it the same runs' evidence by the
+lookahead through the whole student and through the output layer without dropout.
 
     python bench.py --speed --task MRPC --base_model <hub name or folder>
 
@@ -168,8 +169,8 @@ def write_text(path, text):
     glue_data.write_atomic(path, lambda f: f.write(text))
 
 
-AUTO_FLAGS = ("phase1_epochs", "phase2_epochs", "heldout", "reward", "probe_every", "probe_size",
-              "lookahead_share", "keep")  # read only by --strategy auto, to learn p
+AUTO_FLAGS = ("phase1_epochs", "phase2_epochs", "heldout", "reward", "reward_reach", "probe_every",
+              "probe_size", "lookahead_share", "keep")  # read only by --strategy auto, to learn p
 
 
 def run(argv):
@@ -763,6 +764,7 @@ def pilot(a, members, work, data_dir, dirs, t0):
 
 # ------------------------------------------------------------------------------- --selection
 THREE = ("L6-s1", "L3", "L6-contra")  # two helpful teachers of different depths and the harmful one
+AUDITS = ("whole_student", "output_no_dropout")  # the rewards --selection measures beside the run's
 
 
 def selection(a, members, work, data_dir, dirs, t0):
@@ -778,8 +780,9 @@ def selection(a, members, work, data_dir, dirs, t0):
     run_all(a.jobs, argvs, t0, audited_run)
     columns = " | ".join(f"{n}: reward ± se, p" for n in members)
     lines = [f"| team | seed | {columns} | harmful below every kept teacher by (standard errors) | "
-             "the same on the whole batch | harmful discarded | tau, share with whole batch |",
-             "|---" * (len(members) + 6) + "|"]
+             "the same, whole student | the same, output layer without dropout | "
+             "harmful discarded | tau with the whole student |",
+             "|---" * (len(members) + 7) + "|"]
     rows = []
     for (team, seed), argv in argvs.items():
         with open(os.path.join(distill.parse_args(argv).out_dir, "distribution.json")) as f:
@@ -794,18 +797,19 @@ def selection(a, members, work, data_dir, dirs, t0):
                 continue
             verdict = "" if t["kept"] else " (out)"
             cells.append(f"{t['reward']:+.2e} ± {t['reward_se']:.0e}, {t['p']:.2f}{verdict}")
-        lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | "
-                     f"{row['harmful_z_whole']:.1f} | {row['harmful_discarded']} | "
-                     f"{row['tau_whole']:.2f} |")
+        gaps = " | ".join(f"{row['harmful_z_' + key]:.1f}" for key in AUDITS)
+        lines.append(f"| {team} | {seed} | {' | '.join(cells)} | {row['harmful_z']:.1f} | {gaps} | "
+                     f"{row['harmful_discarded']} | {row['tau_whole_student']:.2f} |")
     rule = [r for r in rows if r["harmful_z"] > 3]
     held = sum(r["harmful_discarded"] for r in rule)
     lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard "
               f"errors (of the step-by-step difference) below every kept teacher's is discarded. It "
               f"applies to {len(rule)} of {len(rows)} runs, and holds in {held} of them. (out): "
-              f"discarded by selection; p: after phase-1. The whole batch: the reward the same "
-              f"runs would have had at every phase-1 step from every example of the batch "
-              f"(--lookahead_share 1), measured beside it; tau: Kendall's tau between the "
-              f"teachers' mean phase-1 rewards on the share and on the whole batch."]
+              f"discarded by selection; p: after phase-1. Whole student; output layer without "
+              f"dropout: the lookahead of every phase-1 step of the same runs, on the whole batch, "
+              f"through every weight of the student, and through the output layer from a forward "
+              f"without dropout, measured beside the run's own reward; tau: Kendall's tau between "
+              f"the teachers' mean phase-1 rewards by the run's reward and by the whole student."]
     name = f"{a.task}-selection{share_tag(a)}"
     write_text(os.path.join(a.out, name + ".json"), portable(json.dumps(rows, indent=1)))
     write_text(os.path.join(a.out, name + ".md"), "\n".join(lines) + "\n")
@@ -821,37 +825,52 @@ def selection_row(d, members, team, seed):
     harmful = next(n for n in names if members[n][2] == HARMFUL)
     kept = [n for n in names if evidence[n]["kept"] and n != harmful]
     gaps = [gap_z(rewards[k], rewards[harmful], paired) for k in kept]
-    whole = {n: [r[names.index(n)] for r in d.get("whole_batch", [])] for n in names}
-    whole_gaps = [gap_z(whole[k], whole[harmful], True) for k in kept]
     means = [statistics.mean(rewards[n]) for n in names]
-    whole_means = [statistics.mean(whole[n] or [math.nan]) for n in names]
-    return {"team": team, "seed": seed, "teachers": evidence,
-            "harmful_z": min(gaps, default=math.nan),
-            "harmful_z_whole": min(whole_gaps, default=math.nan),
-            "tau_whole": kendall_tau(means, whole_means),
-            "harmful_discarded": not evidence[harmful]["kept"]}
+    row = {"team": team, "seed": seed, "teachers": evidence,
+           "harmful_z": min(gaps, default=math.nan),
+           "harmful_discarded": not evidence[harmful]["kept"]}
+    for key in AUDITS:  # the same runs' evidence by the audit's rewards, every teacher every step
+        other = {n: [r[names.index(n)] for r in d.get(key, [])] for n in names}
+        other_gaps = [gap_z(other[k], other[harmful], True) for k in kept]
+        row["harmful_z_" + key] = min(other_gaps, default=math.nan)
+        row["tau_" + key] = kendall_tau(means, [statistics.mean(other[n] or [math.nan])
+                                                for n in names])
+    return row
 
 
 def audited_run(argv):
-    """run(argv), the lookahead reward of every phase-1 step also measured on the whole batch
-    (the same functions, h and student; nothing the run computes changes): into
-    <out_dir>/distribution.json as "whole_batch", [steps][K]. A killed run starts afresh, as the
+    """run(argv), with two more rewards of every phase-1 step, from the same student, batch, lr and
+    held-out examples, over the whole batch (nothing the run computes changes): the lookahead through
+    the whole student, and through the output layer from a forward without dropout. Into
+    <out_dir>/distribution.json under AUDITS, [steps][K] each. A killed run starts afresh, as the
     steps before its kill would be missing."""
     out_dir = distill.parse_args(argv).out_dir
     if os.path.isfile(os.path.join(out_dir, "resume.pt")):
         os.remove(os.path.join(out_dir, "resume.pt"))
-    whole = []
+    audit = {key: [] for key in AUDITS}
+    h = {}
     real = distill.Reward.before
 
     def before(self, student, idx, step, lr, active=None):
         real(self, student, idx, step, lr, active)
-        L = self.loop
-        if self.is_lookahead:
-            batch, i = L.batch(idx)
-            values = distill.lookahead_rewards(
-                student, batch, L.labels[i], self.soft[:, i], self.state, lr,
-                L.args.temperature, L.args.alpha, L.labelled[i])
-            whole.append(values.tolist())
+        if not self.is_lookahead or not all(active or [True]):
+            return  # (phase-2 plays without the discarded teachers: its steps are not audited)
+        L, a = self.loop, self.loop.args
+        if step % a.probe_every == 0 or not h:  # the run's own held-out batch
+            held, j = L.batch(self.probe(step)[L.rank::L.world])
+            h["whole_student"] = distill.heldout_grad(student, held, L.labels[j])
+            h["output_no_dropout"] = distill.heldout_output_grad(student, held, L.labels[j])
+        batch, i = L.batch(idx)
+        rest = (L.labels[i], self.soft[:, i])
+        kd_flags = (lr, a.temperature, a.alpha, L.labelled[i])
+        whole = distill.lookahead_rewards(student, batch, *rest, h["whole_student"], *kd_flags)
+        student.eval()
+        with torch.no_grad():
+            u, z = distill.features_and_logits(student, batch, distill.output_layer(student))
+        student.train()
+        output = distill.output_layer_rewards(u, z, *rest, h["output_no_dropout"], *kd_flags)
+        audit["whole_student"].append(whole.tolist())
+        audit["output_no_dropout"].append(output.tolist())
 
     distill.Reward.before = before
     try:
@@ -861,8 +880,9 @@ def audited_run(argv):
     path = os.path.join(out_dir, "distribution.json")
     with open(path) as f:
         d = json.load(f)
-    if whole:  # (a run reused as it was keeps what it has, if anything)
-        glue_data.write_json(path, d | {"whole_batch": whole[:len(d["phase1"])]})
+    if audit["whole_student"]:  # (a run reused as it was keeps what it has, if anything)
+        steps = len(d["phase1"])
+        glue_data.write_json(path, d | {key: values[:steps] for key, values in audit.items()})
     return metrics
 
 
@@ -995,9 +1015,12 @@ def speed(a):
         "uniform, 8 teachers": ["--strategy", "uniform", "--teachers"] + dirs,
         "single, transfer set": ["--strategy", "single", "--transfer", transfer,
                                  "--teachers", dirs[0]],
-        "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,
-        "auto, 8 teachers, share 0.25": ["--strategy", "auto", "--lookahead_share", "0.25",
-                                         "--teachers"] + dirs,
+        "auto, 8 teachers": ["--strategy", "auto", "--teachers"] + dirs,  # the default flags
+        "auto, 8 teachers, whole student": ["--strategy", "auto", "--reward_reach", "student",
+                                            "--teachers"] + dirs,
+        "auto, 8 teachers, whole student, share 0.25":
+            ["--strategy", "auto", "--reward_reach", "student", "--lookahead_share", "0.25",
+             "--teachers"] + dirs,
         "auto, 8 teachers, step reward": ["--strategy", "auto", "--reward", "step",
                                           "--teachers"] + dirs,
         "fine-tune again": ["--strategy", "none"]}
@@ -1005,6 +1028,7 @@ def speed(a):
     for name, extra in runs.items():
         folder = os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))
         out[name] = speed_run(common + extra + ["--out_dir", folder])
+        out[name]["default"] = extra[:3] == ["--strategy", "auto", "--teachers"]  # nothing else
         shown = ", ".join(f"{k} {v:.4g}" for k, v in out[name].items())
         print(f"[{(time.time() - t0) / 60:.0f} min] {name}: {shown}", flush=True)
     speed_report(a, data, dirs, out, fill_s)
@@ -1046,7 +1070,8 @@ def speed_ratios(out, ft):
     step time, the mean of its two runs), and peak memory with 8 teachers against 2."""
     ft_run = statistics.mean(out[n]["run_s"] for n in FINE_TUNES)
     auto = out["auto, 8 teachers"]
-    share = out["auto, 8 teachers, share 0.25"]
+    whole = out["auto, 8 teachers, whole student"]
+    share = out["auto, 8 teachers, whole student, share 0.25"]
     step = out["auto, 8 teachers, step reward"]
     final = lambda name: out[name]["final_step_s"] / ft
     peak = lambda name: out[name]["peak_mib"]
@@ -1056,13 +1081,18 @@ def speed_ratios(out, ft):
             (final("uniform, 8 teachers"), 1.05),
         "final distillation step / fine-tuning step (single, transfer set)":
             (final("single, transfer set"), 1.05),
-        "phase-1 step, lookahead reward / fine-tuning step": (auto["phase1_step_s"] / ft, 2.0),
-        "phase-2 step, lookahead reward / fine-tuning step": (auto["phase2_step_s"] / ft, 2.0),
-        "phase-1 step, lookahead on a quarter of the batch / fine-tuning step":
+        "phase-1 step, lookahead through the output layer (default) / fine-tuning step":
+            (auto["phase1_step_s"] / ft, 1.15),
+        "phase-2 step, lookahead through the output layer (default) / fine-tuning step":
+            (auto["phase2_step_s"] / ft, 1.15),
+        "phase-1 step, lookahead through the whole student / fine-tuning step":
+            (whole["phase1_step_s"] / ft, 2.0),
+        "phase-1 step, whole student, a quarter of the batch / fine-tuning step":
             (share["phase1_step_s"] / ft, 1.5),
         "phase-1 step, step reward / fine-tuning step": (step["phase1_step_s"] / ft, 1.5),
-        "whole auto run (lookahead reward) / whole fine-tuning run": (auto["run_s"] / ft_run, 2.5),
-        "whole auto run, lookahead on a quarter of the batch / whole fine-tuning run":
+        "whole auto run (default) / whole fine-tuning run": (auto["run_s"] / ft_run, 1.7),
+        "whole auto run, whole student / whole fine-tuning run": (whole["run_s"] / ft_run, 2.5),
+        "whole auto run, whole student, a quarter of the batch / whole fine-tuning run":
             (share["run_s"] / ft_run, 1.9),
         "peak memory, 8 teachers / 2 teachers":
             (peak("uniform, 8 teachers") / peak("uniform, 2 teachers"), 1.1)}
@@ -1099,6 +1129,7 @@ def speed_report(a, data, dirs, out, fill_s):
     for n, r in out.items():
         steps = [f"{1000 * r[p + '_step_s']:.1f}" if p + "_step_s" in r else "-"
                  for p in distill.PHASES]
+        n += " (default)" if r["default"] else ""
         lines.append(f"| {n} | {r['peak_mib']:.0f} | {r['run_s']:.1f} | {', '.join(steps)} | "
                      f"{r['table_s']:.1f} |")
     lines += ["", "Whole run: the process's time, less the closing table's (every teacher loaded "

@@ -77,7 +77,7 @@ def add_training_flags(p):
     p.add_argument("--sampler_warmup", type=int, default=0, help="steps whose rewards only set b")
     p.add_argument("--heldout", type=float, default=0.1, help="train's share held out for rewards")
     p.add_argument("--reward", default="lookahead", choices=("lookahead", "step"))
-    p.add_argument("--reward_reach", default="student", choices=("output", "student"),
+    p.add_argument("--reward_reach", default="output", choices=("output", "student"),
                    help="the weights the lookahead looks through: the output layer, or all")
     p.add_argument("--probe_every", type=int, default=4, help="steps sharing a held-out batch")
     p.add_argument("--probe_size", type=int, help="held-out batch size (default: --batch_size)")
@@ -454,7 +454,7 @@ def differing_flags(these, those, free=FREE_FLAGS):
 #
 # --reward_reach output (default): theta is the output layer alone, z = W u + b (u [B, d]: the
 # features it reads). Then J h needs no pass through the body, as in GLISTER-ONLINE's one-step
-# lookahead from last-layer gradients (Killamsetty et al., AAAI 2021), with u' the held-out features:
+# lookahead from last-layer gradients (Killamsetty et al., AAAI 2021); u': the held-out features:
 #
 #     (J h)_i = h_W u_i + h_b,   h_W = sum_m dE/dz'_m u'_m^T,   h_b = sum_m dE/dz'_m
 #
@@ -473,8 +473,10 @@ def output_layer(model):
                          f"--reward_reach student")
     return linears[-1]
 
-def features_and_logits(model, batch, layer):
-    """(u [B, d], z [B, C]): what the output layer reads, and the logits of model(**batch)."""
+def features_and_logits(model, batch, layer=None):
+    """(u [B, d], z [B, C]): what the output layer (default: output_layer(model)) reads, and the
+    logits of model(**batch)."""
+    layer = layer or output_layer(model)
     seen = []
     hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
     try:
@@ -486,6 +488,10 @@ def features_and_logits(model, batch, layer):
         raise ValueError(f"the logits of {type(layer).__name__} are not its output layer's output "
                          f"(a head that pools after it): use --reward_reach student")
     return u, z
+
+def at_least_float32(x):
+    """x in float32 when it is in a narrower float (bf16 autocast), else as it is (float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
     """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
@@ -508,7 +514,7 @@ def heldout_output_grad(model, batch, labels):
     model.eval()
     u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
     model.train(was_training)
-    dE_dz = kd.expected_error_grad(z.float(), labels)  # [H, C]
+    dE_dz = kd.expected_error_grad(at_least_float32(z), labels)  # [H, C]
     h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
     h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
     return [h_W, h_b]
@@ -528,7 +534,7 @@ def heldout_grad(model, batch, labels):
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
-    logits = model(**batch).logits.float()  # [H, C]
+    logits = at_least_float32(model(**batch).logits)  # [H, C]
     dE_dz = kd.expected_error_grad(logits.detach(), labels)  # [H, C]
     h = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
     model.train(was_training)
@@ -544,7 +550,8 @@ def lookahead_rewards(model, batch, labels, soft, h, lr, temperature, alpha, lab
     weights = tuple(p.detach() for _, p in trained)
 
     def logits(*w):
-        return torch.func.functional_call(model, dict(zip(names, w)), kwargs=batch).logits.float()
+        z = torch.func.functional_call(model, dict(zip(names, w)), kwargs=batch).logits
+        return at_least_float32(z)
 
     was_training = model.training
     model.eval()
@@ -632,7 +639,7 @@ class Reward:
         if self.reach == "output":
             idx, rows, share, lr = self.scored
             i = torch.tensor([idx[j] for j in rows], device=L.device)
-            u, z = (x.detach()[torch.tensor(rows, device=x.device)].float() for x in seen)
+            u, z = (at_least_float32(x.detach()[torch.tensor(rows, device=x.device)]) for x in seen)
             values = output_layer_rewards(u, z, L.labels[i], self.soft[:, i], self.state, lr,
                                           L.args.temperature, L.args.alpha, L.labelled[i])
             return L.reduce_mean(values * share, 1).tolist()  # [K]

@@ -864,8 +864,8 @@ def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch
     transfer = os.path.join(workdir, "glue_data", "RTE", "test.tsv")  # 29 rows, no labels
     trained, probed = set(), set()
     real_loss, real_probe = distill.Loop.loss, distill.Reward.probe
-    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k: trained.update(idx) or real_loss(
-        self, net, idx, soft_k))
+    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k, layer=None: trained.update(
+        idx) or real_loss(self, net, idx, soft_k, layer))
     monkeypatch.setattr(distill.Reward, "probe", lambda self, step: probed.update(real_probe(self, step)) or
                         real_probe(self, step))
     m = run(FAST + ["--strategy", "auto", "--transfer", transfer, "--out_dir", "runs/transfer"], workdir)
@@ -1194,6 +1194,112 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     assert np.array_equal(lookahead(h), predicted)
 
 
+def tiny_classifier(kind, num_labels=2):
+    """A tiny random sequence classifier of another head than BERT's, in float64, eval mode:
+    RoBERTa (classifier.dense, tanh, classifier.out_proj) or GPT-2 (a score layer on every token,
+    pooled at the last one after it)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig
+    from transformers import RobertaForSequenceClassification
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=70, num_labels=num_labels)
+        return RobertaForSequenceClassification(config).double().eval()
+    config = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                        num_labels=num_labels, pad_token_id=0)
+    return GPT2ForSequenceClassification(config).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path, kind):
+    """In float64: heldout_output_grad is heldout_grad's output-layer part, from a forward alone, and
+    output_layer_rewards is lookahead_rewards with h zeroed outside the output layer, on BERT's head and
+    on RoBERTa's (found as the last linear layer with one output per label: classifier.out_proj)."""
+    if kind == "bert":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            make_tiny_bert(str(tmp_path / "bert"), layers=2), num_labels=3).double().eval()
+        name = "classifier"
+    else:
+        model = tiny_classifier("roberta", num_labels=3)
+        name = "classifier.out_proj"
+    layer = distill.output_layer(model)
+    assert layer is model.get_submodule(name)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: {"input_ids": torch.randint(5, 20, (n, 7), generator=g),
+                     "attention_mask": torch.ones(n, 7, dtype=torch.long)}
+    batch, held = ids(6), ids(5)
+    labels, held_labels = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (5,), generator=g)
+    soft = torch.softmax(torch.randn(4, 6, 3, generator=g, dtype=torch.float64) * 3, -1)  # [K, B, C]
+    labelled = torch.tensor([True, True, False, True, False, True])
+    h = distill.heldout_grad(model, held, held_labels)
+    h_out = distill.heldout_output_grad(model, held, held_labels)
+    params = list(model.parameters())
+    ours = [k for k, p in enumerate(params) if p is layer.weight or p is layer.bias]
+    assert [h[k].shape for k in ours] == [x.shape for x in h_out]
+    for k, x in zip(ours, h_out):
+        assert torch.allclose(x, h[k], rtol=1e-12, atol=1e-15)
+    zeroed = [x if k in ours else torch.zeros_like(x) for k, x in enumerate(h)]
+    u, z = distill.features_and_logits(model, batch, layer)
+    assert torch.equal(z, model(**batch).logits)
+    for mask in (None, labelled):
+        expected = distill.lookahead_rewards(model, batch, labels, soft, zeroed, 1e-3, 2.0, 0.5, mask)
+        got = distill.output_layer_rewards(u, z, labels, soft, h_out, 1e-3, 2.0, 0.5, mask)
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, expected, rtol=1e-10, atol=0), (got, expected)
+        whole = distill.lookahead_rewards(model, batch, labels, soft, h, 1e-3, 2.0, 0.5, mask)
+        assert not torch.allclose(got, whole, rtol=1e-3)  # the body's part is left out
+
+
+def test_a_head_that_pools_after_its_output_layer_is_refused():
+    """GPT-2's classifier scores every token, then picks the last: its output layer's output is not the
+    logits, so the output-layer reward stops with one sentence naming --reward_reach student."""
+    model = tiny_classifier("gpt2")
+    batch = {"input_ids": torch.randint(5, 20, (3, 6))}
+    with pytest.raises(ValueError, match="--reward_reach student"):
+        distill.heldout_output_grad(model, batch, torch.tensor([0, 1, 0]))
+
+
+def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path, monkeypatch):
+    """reach output: before() scores no pass of its own; after() turns the features of the training
+    step's own forward into every teacher's reward. On a student without dropout that is the whole
+    student's lookahead with h zeroed outside the output layer; --lookahead_share 0.25: the same on the
+    rows where the teachers differ most, as a mean over the batch."""
+    loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
+    a = loop.args
+    assert a.reward_reach == "output"  # the default
+    student = loop.new_student(base, 1, 40)[0].train()
+    torch.manual_seed(2)
+    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    idx, lr = list(range(16)), 1e-3
+    reward = distill.Reward(loop, torch.arange(32, 40), soft)
+    held, j = loop.batch(reward.probe(0))
+    h = distill.heldout_grad(student, held, loop.labels[j])
+    layer = distill.output_layer(student)
+    zeroed = [x if p is layer.weight or p is layer.bias else torch.zeros_like(x)
+              for x, p in zip(h, student.parameters())]
+
+    real = distill.lookahead_rewards
+
+    def lookahead(rows):
+        inputs, i = loop.batch(rows)
+        return real(student, inputs, loop.labels[i], soft[:, i], zeroed, lr, a.temperature, a.alpha,
+                    loop.labelled[i])
+
+    passes = []
+    monkeypatch.setattr(distill, "lookahead_rewards", lambda *x, **k: passes.append(1))
+    for share in (1, 0.25):
+        a.lookahead_share = share
+        reward.before(student, idx, 0 if share == 1 else 1, lr)
+        assert reward.layer is layer
+        loss, seen = loop.loss(student, idx, soft[0], reward.layer)
+        loss.backward()  # (the step itself changes nothing of what was seen)
+        got = torch.tensor(reward.after(student, 0, seen))
+        rows = idx if share == 1 else kd.where_teachers_differ(soft[:, idx], 4).tolist()
+        expected = lookahead([idx[r] for r in rows]) * share
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), share
+    assert not passes  # no forward-mode pass
+
+
 def test_where_teachers_differ_by_hand():
     """Two teachers that agree on every example of a batch of 6 but examples 1 and 4 (by 0.2 and 0.4):
     those two, in batch order; one: the larger difference; more than the batch: all of it."""
@@ -1209,7 +1315,8 @@ def test_where_teachers_differ_by_hand():
 def test_the_lookahead_on_a_share_of_the_batch(tmp_path):
     """--lookahead_share 1: the reward is exactly the whole batch's; 0.25: the same functions on the
     quarter of the batch where the teachers in play differ most, as a mean over the whole batch."""
-    loop, base = tiny_loop(tmp_path, ["--student_layers", "2", "--lookahead_share", "1"], 40)
+    loop, base = tiny_loop(tmp_path, ["--student_layers", "2", "--lookahead_share", "1",
+                                      "--reward_reach", "student"], 40)
     student = loop.new_student(base, 1, 40)[0].train()
     torch.manual_seed(2)
     soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
@@ -1300,10 +1407,10 @@ def test_held_out_batches_every_rank_can_share(tmp_path):
     with pytest.raises(ValueError, match="held-out batches of 3 cannot be shared by 4 processes: raise --probe_size"):
         distill.Reward(loop, torch.arange(3), None)
 
-def record_float64_rewards(monkeypatch):
+def record_float64_rewards(monkeypatch, reach="student"):
     """From now on, every lookahead reward of an in-process run is recomputed in float64 from a copy
-    of the student, independently of distill.Reward (autograd for h, torch.func.jvp for J h): the
-    list returned fills with every step's [K] values."""
+    of the student, independently of distill.Reward (autograd for h, torch.func.jvp for J h; reach
+    output: h zeroed outside the output layer): the list returned fills with every step's [K] values."""
     import copy
     from torch.nn.attention import SDPBackend, sdpa_kernel
     record, h = [], {}
@@ -1319,6 +1426,9 @@ def record_float64_rewards(monkeypatch):
             p = torch.softmax(c(**L.batch(probe)[0]).logits, -1)
             error = 1 - p[range(len(probe)), L.labels[probe]].mean()
             h["h"] = torch.autograd.grad(error, list(weights.values()), materialize_grads=True)
+            if reach == "output":  # (BERT's output layer: its classifier)
+                h["h"] = tuple(g if n.startswith("classifier.") else torch.zeros_like(g)
+                               for n, g in zip(weights, h["h"]))
         inputs, i = L.batch(idx)
         logits = lambda *w: torch.func.functional_call(c, dict(zip(weights, w)), kwargs=inputs).logits
         with sdpa_kernel(SDPBackend.MATH):
@@ -1334,22 +1444,24 @@ def record_float64_rewards(monkeypatch):
     return record
 
 
-def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reach", ["output", "student"])
+def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch, reach):
     """gloo, 2 ranks: each takes half of every batch; without dropout the gradients are the same sums."""
     student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
     # 96 examples, 8 held out: batches of 16 (88 = 5 x 16 + 8) split evenly between the ranks
     argv = FAST + ["--student", student, "--heldout", "0.0834", "--save_every", "3"]
-    argv += ["--lookahead_share", "1"]  # every example of the batch, as the float64 reference scores
-    exact = record_float64_rewards(monkeypatch)
-    one = run(argv + ["--out_dir", "runs/one-process"], workdir)
+    argv += ["--lookahead_share", "1", "--reward_reach", reach]  # as the float64 reference scores
+    exact = record_float64_rewards(monkeypatch, reach)
+    one = run(argv + ["--out_dir", f"runs/one-process-{reach}"], workdir)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(HERE, "distill.py")] + argv + ["--out_dir", "runs/two-processes"],
+                        os.path.join(HERE, "distill.py")] + argv + ["--out_dir", f"runs/two-processes-{reach}"],
                        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    two = json.load(open(os.path.join(workdir, "runs/two-processes/metrics.json")))
+    two = json.load(open(os.path.join(workdir, f"runs/two-processes-{reach}/metrics.json")))
     assert two["dev"] == one["dev"] and [h["dev"] for h in two["history"]] == [h["dev"] for h in one["history"]]
-    d1, d2 = (json.load(open(os.path.join(workdir, f"runs/{r}/distribution.json"))) for r in ("one-process", "two-processes"))
+    d1, d2 = (json.load(open(os.path.join(workdir, f"runs/{r}-{reach}/distribution.json")))
+              for r in ("one-process", "two-processes"))
     assert d2["discarded"] == d1["discarded"] and [k for k, _ in d2["rewards"]] == [k for k, _ in d1["rewards"]]
     # The rewards: two processes round differently from one (half batches padded to their own
     # length, sums over ranks), so they agree only as closely as float32 lets either run agree with
@@ -1366,10 +1478,10 @@ def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch):
     # The weights: the same sums rounded differently (1e-7 apart, seen); AdamW divides by the root
     # of the squared gradients, so a weight whose gradient is rounding noise can step by up to the
     # learning rate (1e-3) on either side: 1e-4 still tells one step's difference from none.
-    a = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/one-process")).state_dict()
-    b = AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, "runs/two-processes")).state_dict()
+    a, b = (AutoModelForSequenceClassification.from_pretrained(os.path.join(workdir, f"runs/{r}-{reach}")).state_dict()
+            for r in ("one-process", "two-processes"))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    assert not [f for f in os.listdir(os.path.join(workdir, "runs/two-processes")) if f.startswith(".write")]
+    assert not [f for f in os.listdir(os.path.join(workdir, f"runs/two-processes-{reach}")) if f.startswith(".write")]
 
 
 def test_regression_task_end_to_end(tiny_bert, tmp_path):
@@ -1575,26 +1687,31 @@ def test_bench_pilot_and_selection(tiny_bench):
     assert all(sum(t["kept"] for t in r["teachers"].values()) == 2 for r in rows[2:])
     assert "| three | 4 |" in open(os.path.join(out, "MRPC-selection.md")).read()
     three = json.load(open(os.path.join(out, "MRPC", "auto-three-seed0", "distribution.json")))
-    assert len(three["whole_batch"]) == len(three["phase1"]) and len(three["whole_batch"][0]) == 3
-    assert all(-1 <= r["tau_whole"] <= 1 and r["harmful_z_whole"] == r["harmful_z_whole"] for r in rows[2:])
+    for key in bench.AUDITS:
+        assert len(three[key]) == len(three["phase1"]) and len(three[key][0]) == 3
+        assert all(-1 <= r["tau_" + key] <= 1 and r["harmful_z_" + key] == r["harmful_z_" + key] for r in rows[2:])
 
 
-def test_bench_audit_measures_the_reward_the_run_uses(workdir):
-    """With --lookahead_share 1 the whole batch is what the run scores: the audit's values are the
-    logged rewards, bit for bit, and the run's outputs are those of a run without the audit."""
+@pytest.mark.parametrize("reach", ["student", "output"])
+def test_bench_audit_measures_the_reward_the_run_uses(workdir, reach):
+    """The audit changes nothing the run computes, and measures what it says: through the whole student
+    on the whole batch, its values are the rewards such a run logs, bit for bit."""
     import bench
-    argv = FAST + ["--lookahead_share", "1", "--cache_dir", os.path.join(workdir, "cache")]
+    argv = FAST + ["--reward_reach", reach, "--cache_dir", os.path.join(workdir, "cache")]
     old = os.getcwd()
     os.chdir(workdir)
     try:
-        bench.audited_run(argv + ["--out_dir", "runs/audited"])
-        bench.run(argv + ["--out_dir", "runs/plain"])
+        bench.audited_run(argv + ["--out_dir", f"runs/audited-{reach}"])
+        bench.run(argv + ["--out_dir", f"runs/plain-{reach}"])
     finally:
         os.chdir(old)
-    audited, plain = (json.load(open(os.path.join(workdir, f"runs/{r}/distribution.json")))
+    audited, plain = (json.load(open(os.path.join(workdir, f"runs/{r}-{reach}/distribution.json")))
                       for r in ("audited", "plain"))
-    assert audited.pop("whole_batch") == [r for _, r in plain["rewards"][:len(plain["phase1"])]]
+    audit = {key: audited.pop(key) for key in bench.AUDITS}
     assert audited == plain
+    logged = [r for _, r in plain["rewards"][:len(plain["phase1"])]]
+    assert (audit["whole_student"] == logged) == (reach == "student")
+    assert all(len(values) == len(logged) for values in audit.values())
 
 
 def test_bench_reuses_a_run_at_flags_its_strategy_never_reads(workdir):
@@ -1757,10 +1874,13 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     bench.main(["--speed", "--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
                 "--student_layers", "1", "--epochs", "1", "--train_limit", "48", "--out", out])
     result = json.load(open(os.path.join(out, "speed-cpu.json")))
-    assert len(result["ratios"]) == 10 and all(v > 0 for v in result["ratios"].values())
+    assert len(result["ratios"]) == 12 and all(v > 0 for v in result["ratios"].values())
     assert "final_step_s" in result["runs"]["single, transfer set"]
     assert result["train_examples"] == 48 and result["padding_sorted"] <= result["padding_unsorted"]
     assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
-    assert "| phase-1 step, lookahead reward / fine-tuning step |" in open(os.path.join(out, "speed-cpu.md")).read()
+    table = open(os.path.join(out, "speed-cpu.md")).read()
+    assert "| phase-1 step, lookahead through the output layer (default) / fine-tuning step |" in table
+    assert "| auto, 8 teachers (default) |" in table
+    assert [n for n, r in result["runs"].items() if r["default"]] == ["auto, 8 teachers"]
     assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
-    assert result["runs"]["auto, 8 teachers, share 0.25"]["phase1_step_s"] > 0
+    assert result["runs"]["auto, 8 teachers, whole student, share 0.25"]["phase1_step_s"] > 0
