@@ -1031,8 +1031,28 @@ def speed(a):
         out[name]["default"] = extra[:3] == ["--strategy", "auto", "--teachers"]  # nothing else
         shown = ", ".join(f"{k} {v:.4g}" for k, v in out[name].items())
         print(f"[{(time.time() - t0) / 60:.0f} min] {name}: {shown}", flush=True)
-    speed_report(a, data, dirs, out, fill_s)
+    forward = no_grad_forward_s(a, data, dirs[0])
+    speed_report(a, data, dirs, out, fill_s, forward)
     print(f"bench --speed: {(time.time() - t0) / 60:.1f} min")
+
+
+def no_grad_forward_s(a, data, tokenizer_from):
+    """The mean time of one forward of the student without gradients and without dropout over
+    train's batches (one thread, CPU time on CPU): what the output-layer reward would add to a
+    phase-1 step if it read its features from a pass of its own rather than from the step's."""
+    labels = glue_data.get_task(a.task).labels
+    student = kd.build_student(a.base_model, labels, a.student_layers, a.task)[0].to(DEVICE).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    enc = glue_data.encode(tokenizer, data["train"], a.max_seq_len)
+    order = glue_data.batches(torch.tensor(glue_data.lengths(enc)), 32,
+                              torch.Generator().manual_seed(0))
+    clock = time.process_time if DEVICE.type == "cpu" else time.perf_counter
+    t = clock()
+    with torch.no_grad():
+        for b in order:
+            batch = glue_data.collate(tokenizer, enc, b)
+            student(**{k: v.to(DEVICE) for k, v in batch.items()}).logits.float().sum().item()
+    return (clock() - t) / len(order)
 
 
 def speed_team(a, work):
@@ -1099,7 +1119,7 @@ def speed_ratios(out, ft):
     return ratios
 
 
-def speed_report(a, data, dirs, out, fill_s):
+def speed_report(a, data, dirs, out, fill_s, forward_s):
     """results/speed-<device>.json and .md: every ratio against its target, every run."""
     ft = statistics.mean(out[n]["final_step_s"] for n in FINE_TUNES)
     ratios = speed_ratios(out, ft)
@@ -1114,7 +1134,7 @@ def speed_report(a, data, dirs, out, fill_s):
               "task": a.task, "train_examples": len(data["train"]), "epochs": a.epochs,
               "student_layers": a.student_layers, "runs": out,
               "ratios": {k: v[0] for k, v in ratios.items()}, "fine_tune_step_s": ft,
-              "cache_fill_s": fill_s,
+              "cache_fill_s": fill_s, "no_grad_forward_s": forward_s,
               "cache_fill_examples": 8 * sum(len(ex) for ex in data.values()),
               "padding_sorted": padding(enc_len, 64),
               "padding_unsorted": padding(enc_len, 64, shuffled)}
@@ -1134,6 +1154,9 @@ def speed_report(a, data, dirs, out, fill_s):
                      f"{r['table_s']:.1f} |")
     lines += ["", "Whole run: the process's time, less the closing table's (every teacher loaded "
               "again and timed, and the student, on the same dev examples), shown apart."]
+    lines += ["", f"A forward of the student without gradients or dropout on a training batch (what "
+              f"the output-layer reward would add to a phase-1 step with features of a pass of its "
+              f"own): {1000 * forward_s:.1f} ms, {forward_s / ft:.2f}x a fine-tuning step."]
     n_fill = result["cache_fill_examples"]
     lines += ["", f"Cache fill: 8 teachers over train and dev once, {n_fill} examples in "
               f"{fill_s:.1f} s ({n_fill / fill_s:.0f} examples/s), in inference mode, batches "

@@ -1883,4 +1883,5 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     assert "| auto, 8 teachers (default) |" in table
     assert [n for n, r in result["runs"].items() if r["default"]] == ["auto, 8 teachers"]
     assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
+    assert 0 < result["no_grad_forward_s"] < result["fine_tune_step_s"] and "without gradients" in table
     assert result["runs"]["auto, 8 teachers, whole student, share 0.25"]["phase1_step_s"] > 0
