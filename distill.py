@@ -7,8 +7,9 @@
 The second command fine-tunes one teacher. Read from main(): the data, the team, each strategy's
 teaching (setup), then autoskd(): phase-1, teacher selection, phase-2, the final student. A step
 (Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step, the
-reward on held-out TRAINING examples (heldout_grad, lookahead_rewards: plain functions of a model
-and tensors; dev is for reporting only), and sampler.update(k, reward), which moves theta_k alone.
+reward on held-out TRAINING examples (heldout_output_grad, output_layer_rewards: plain functions of
+a model and tensors; dev is for reporting only), and sampler.update(k, reward), which moves theta_k
+alone.
 """
 import argparse
 import functools
@@ -466,7 +467,7 @@ def output_layer(model):
     """The layer whose output is the logits: the last nn.Linear with one output per label (BERT's
     and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
     features_and_logits checks that its output is the logits."""
-    n = model.config.num_labels
+    n = getattr(model, "module", model).config.num_labels  # (DDP: the model is its .module)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no linear layer with {n} outputs: use "
@@ -496,7 +497,7 @@ def at_least_float32(x):
 def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
     """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
     targets soft [K, B, C]; labels [B]; labelled [B] bool (None: all labelled)."""
-    z = z.detach().requires_grad_()
+    z = at_least_float32(z.detach()).requires_grad_()
     pulls = []
     with torch.enable_grad():
         for soft_j in soft:
@@ -508,13 +509,15 @@ def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
 def heldout_output_grad(model, batch, labels):
     """h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected error
     E on held-out examples over the layer's weight and bias, from one forward without gradients,
-    dropout off. batch: {input name: [H, L]}; labels [H]."""
+    dropout off. batch: {input name: [H, L]}; labels [H] (both moved to the layer's device)."""
     layer = output_layer(model)
+    device = layer.weight.device
+    batch = {name: x.to(device) for name, x in batch.items()}
     was_training = model.training
     model.eval()
     u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
     model.train(was_training)
-    dE_dz = kd.expected_error_grad(at_least_float32(z), labels)  # [H, C]
+    dE_dz = kd.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
     h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
     h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
     return [h_W, h_b]

@@ -1397,6 +1397,38 @@ def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_pa
     assert len(sampler.trace) == 2 * len(rows)  # phase-1 and phase-2 each learned from every batch
 
 
+def test_the_readmes_trainer_block_runs_and_discards_the_contradicting_teacher(tmp_path, monkeypatch):
+    """README.md's Trainer block, run as written in one CPU process on a tiny model and data: three
+    teachers, one sure of the labels, one less sure, one contradicting them; selection (keep 2)
+    discards the last, and the final student trains without moving p."""
+    pytest.importorskip("accelerate")
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    code = readme.split("## AutoSKD in a transformers Trainer")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.splitlines()) <= 45
+    base = make_tiny_bert(str(tmp_path / "bert"), layers=2)
+    write_task(str(tmp_path / "glue"), "RTE", n_train=160, n_dev=8)
+    train = glue_data.load_task(str(tmp_path / "glue"), "RTE")["train"]
+    tokenizer = BertTokenizer.from_pretrained(base)
+    enc = glue_data.encode(tokenizer, train, 64)
+    labels = torch.tensor(train.labels)  # [N]
+    held = list(range(128, 160))  # held-out examples: never in train_set
+    right = torch.nn.functional.one_hot(labels, 2).float() * 4 - 2  # [N, C]: +2 on the label
+    rows = {name: values[:128] for name, values in enc.items()}
+    given = {"new_model": lambda: AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+             "train_set": Dataset.from_dict(rows | {"labels": train.labels[:128], "idx": list(range(128))}),
+             "collator": DataCollatorWithPadding(tokenizer),
+             "held": (glue_data.collate(tokenizer, enc, held), labels[held]),
+             "logits": torch.stack([right, right / 2, -right])}  # [K, N, C]
+    monkeypatch.chdir(tmp_path)
+    exec(code, given)
+    sampler = given["sampler"]
+    assert sampler.discarded() == ["teacher2"], sampler.evidence()
+    assert len(sampler.trace) == 2 * 4  # phase-1 and phase-2 learned from each of their 4 batches
+    assert given["final"] is not given["student"]
+
+
 def test_held_out_batches_every_rank_can_share(tmp_path):
     """Under torchrun every rank takes a share of a held-out batch: smaller ones are skipped, and a
     held-out set too small for the processes stops with one sentence naming the flags."""
