@@ -840,8 +840,8 @@ def selection_row(d, members, team, seed):
 
 def audited_run(argv):
     """run(argv), with two more rewards of every phase-1 step, from the same student, batch, lr and
-    held-out examples, over the whole batch (nothing the run computes changes): the lookahead through
-    the whole student, and through the output layer from a forward without dropout. Into
+    held-out examples, over the whole batch (nothing the run computes changes): the lookahead
+    through the whole student, and through the output layer from a forward without dropout. Into
     <out_dir>/distribution.json under AUDITS, [steps][K] each. A killed run starts afresh, as the
     steps before its kill would be missing."""
     out_dir = distill.parse_args(argv).out_dir
@@ -853,24 +853,8 @@ def audited_run(argv):
 
     def before(self, student, idx, step, lr, active=None):
         real(self, student, idx, step, lr, active)
-        if not self.is_lookahead or not all(active or [True]):
-            return  # (phase-2 plays without the discarded teachers: its steps are not audited)
-        L, a = self.loop, self.loop.args
-        if step % a.probe_every == 0 or not h:  # the run's own held-out batch
-            held, j = L.batch(self.probe(step)[L.rank::L.world])
-            h["whole_student"] = distill.heldout_grad(student, held, L.labels[j])
-            h["output_no_dropout"] = distill.heldout_output_grad(student, held, L.labels[j])
-        batch, i = L.batch(idx)
-        rest = (L.labels[i], self.soft[:, i])
-        kd_flags = (lr, a.temperature, a.alpha, L.labelled[i])
-        whole = distill.lookahead_rewards(student, batch, *rest, h["whole_student"], *kd_flags)
-        student.eval()
-        with torch.no_grad():
-            u, z = distill.features_and_logits(student, batch, distill.output_layer(student))
-        student.train()
-        output = distill.output_layer_rewards(u, z, *rest, h["output_no_dropout"], *kd_flags)
-        audit["whole_student"].append(whole.tolist())
-        audit["output_no_dropout"].append(output.tolist())
+        if self.is_lookahead and all(active or [True]):  # (phase-2 plays without the discarded)
+            audit_step(self, student, idx, step, lr, h, audit)
 
     distill.Reward.before = before
     try:
@@ -884,6 +868,27 @@ def audited_run(argv):
         steps = len(d["phase1"])
         glue_data.write_json(path, d | {key: values[:steps] for key, values in audit.items()})
     return metrics
+
+
+def audit_step(reward, student, idx, step, lr, h, audit):
+    """The AUDITS rewards of one step into audit; h: {key: its h}, measured anew on the held-out
+    batch of the reward's own (the same every --probe_every steps)."""
+    L, a = reward.loop, reward.loop.args
+    if step % a.probe_every == 0 or not h:
+        held, j = L.batch(reward.probe(step)[L.rank::L.world])
+        h["whole_student"] = distill.heldout_grad(student, held, L.labels[j])
+        h["output_no_dropout"] = distill.heldout_output_grad(student, held, L.labels[j])
+    batch, i = L.batch(idx)
+    rest = (L.labels[i], reward.soft[:, i])
+    kd_flags = (lr, a.temperature, a.alpha, L.labelled[i])
+    whole = distill.lookahead_rewards(student, batch, *rest, h["whole_student"], *kd_flags)
+    student.eval()
+    with torch.no_grad():
+        u, z = distill.features_and_logits(student, batch)
+    student.train()
+    output = distill.output_layer_rewards(u, z, *rest, h["output_no_dropout"], *kd_flags)
+    audit["whole_student"].append(whole.tolist())
+    audit["output_no_dropout"].append(output.tolist())
 
 
 # ------------------------------------------------------------------------------- --first_run
@@ -1029,7 +1034,7 @@ def speed(a):
         folder = os.path.join(work, "runs", name.replace(", ", "-").replace(" ", "-"))
         out[name] = speed_run(common + extra + ["--out_dir", folder])
         out[name]["default"] = extra[:3] == ["--strategy", "auto", "--teachers"]  # nothing else
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in out[name].items())
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in out[name].items() if k != "default")
         print(f"[{(time.time() - t0) / 60:.0f} min] {name}: {shown}", flush=True)
     forward = no_grad_forward_s(a, data, dirs[0])
     speed_report(a, data, dirs, out, fill_s, forward)
@@ -1048,7 +1053,8 @@ def no_grad_forward_s(a, data, tokenizer_from):
                               torch.Generator().manual_seed(0))
     clock = time.process_time if DEVICE.type == "cpu" else time.perf_counter
     t = clock()
-    with torch.no_grad():
+    on_gpu = DEVICE.type == "cuda"  # (as the training step: bf16 autocast on GPU)
+    with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=on_gpu):
         for b in order:
             batch = glue_data.collate(tokenizer, enc, b)
             student(**{k: v.to(DEVICE) for k, v in batch.items()}).logits.float().sum().item()
@@ -1154,9 +1160,9 @@ def speed_report(a, data, dirs, out, fill_s, forward_s):
                      f"{r['table_s']:.1f} |")
     lines += ["", "Whole run: the process's time, less the closing table's (every teacher loaded "
               "again and timed, and the student, on the same dev examples), shown apart."]
-    lines += ["", f"A forward of the student without gradients or dropout on a training batch (what "
-              f"the output-layer reward would add to a phase-1 step with features of a pass of its "
-              f"own): {1000 * forward_s:.1f} ms, {forward_s / ft:.2f}x a fine-tuning step."]
+    lines += ["", f"A forward of the student without gradients or dropout on a training batch "
+              f"(what the output-layer reward would add to a phase-1 step with features of a pass "
+              f"of its own): {1000 * forward_s:.1f} ms, {forward_s / ft:.2f}x a fine-tuning step."]
     n_fill = result["cache_fill_examples"]
     lines += ["", f"Cache fill: 8 teachers over train and dev once, {n_fill} examples in "
               f"{fill_s:.1f} s ({n_fill / fill_s:.0f} examples/s), in inference mode, batches "

@@ -437,8 +437,10 @@ class Loop:
 FREE_FLAGS = ("resume", "save_every")  # flags that change nothing of what a run computes
 
 def differing_flags(these, those, free=FREE_FLAGS):
-    """The flags of `these` ({flag: value}, as vars(args)) whose value `those` does not share."""
-    return [k for k, v in these.items() if k not in free and those.get(k) != v]
+    """The flags ({flag: value}, as vars(args)) whose values `these` and `those` do not share; a
+    flag one of them lacks (a newer flag) differs."""
+    flags = list(these) + [k for k in those if k not in these]
+    return [k for k in flags if k not in free and these.get(k) != those.get(k)]
 
 # ------------------------------------------------------------------------------- the reward
 # The reward as plain functions of a model and tensors: copy them into any training loop.
@@ -459,7 +461,8 @@ def differing_flags(these, those, free=FREE_FLAGS):
 #
 #     (J h)_i = h_W u_i + h_b,   h_W = sum_m dE/dz'_m u'_m^T,   h_b = sum_m dE/dz'_m
 #
-# u and z come from the training step's own forward: the reward costs no pass of its own.
+# u and z come from the training step's own forward (dropout on, so u carries its mask; h is
+# measured with dropout off): the reward costs no pass of its own.
 # --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
 # fine-tuning step's work). --reward step: the drawn teacher alone, the held-out loss before its
 # step minus after it.
@@ -485,7 +488,7 @@ def features_and_logits(model, batch, layer=None):
     finally:
         hook.remove()
     u, out = seen[-1]
-    if out.shape != z.shape or not torch.equal(out, z):
+    if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
         raise ValueError(f"the logits of {type(layer).__name__} are not its output layer's output "
                          f"(a head that pools after it): use --reward_reach student")
     return u, z
@@ -515,10 +518,13 @@ def heldout_output_grad(model, batch, labels):
     batch = {name: x.to(device) for name, x in batch.items()}
     was_training = model.training
     model.eval()
-    u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
-    model.train(was_training)
-    dE_dz = kd.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
-    h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
+    try:
+        u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
+    finally:
+        model.train(was_training)
+    with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
+        dE_dz = kd.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
+        h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
     h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
     return [h_W, h_b]
 
@@ -526,8 +532,11 @@ def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled
     """Every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]: u [B, d] and z
     [B, C] from features_and_logits; h from heldout_output_grad; the rest as lookahead_rewards."""
     h_W, h_b = h
-    jh = u.detach().to(h_W.dtype) @ h_W.T + h_b  # [B, C]
-    return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
+    with torch.autocast(z.device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
+        u = u.detach().to(torch.promote_types(u.dtype, h_W.dtype))
+        jh = u @ h_W.T + h_b  # [B, C]
+        pulls = teacher_pulls(z, labels, soft, temperature, alpha, labelled)  # [K, B, C]
+    return lr * (pulls * jh).sum((1, 2))
 
 def heldout_grad(model, batch, labels):
     """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),

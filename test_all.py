@@ -1248,6 +1248,21 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
         assert torch.allclose(got, expected, rtol=1e-10, atol=0), (got, expected)
         whole = distill.lookahead_rewards(model, batch, labels, soft, h, 1e-3, 2.0, 0.5, mask)
         assert not torch.allclose(got, whole, rtol=1e-3)  # the body's part is left out
+    # Under bf16 autocast (a GPU run, a Trainer with bf16=True) the forward rounds to bf16, but h and
+    # the reward are computed from its outputs in float32: as float64 computes them, to float32's
+    # precision (in bf16 they would be 1e-2 off).
+    model.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        h_bf16 = distill.heldout_output_grad(model, held, held_labels)
+        u_held, z_held = distill.features_and_logits(model, held, layer)
+        u, z = distill.features_and_logits(model, batch, layer)
+        got = distill.output_layer_rewards(u, z, labels, soft.float(), h_bf16, 1e-3, 2.0, 0.5)
+    assert z.dtype == u.dtype == torch.bfloat16
+    assert [x.dtype for x in h_bf16] == [torch.float32] * 2 and got.dtype == torch.float32
+    dE_dz = kd.expected_error_grad(z_held.double(), held_labels)  # [H, C]
+    h64 = [dE_dz.T @ u_held.double(), dE_dz.sum(0)]
+    exact = distill.output_layer_rewards(u.double(), z.double(), labels, soft, h64, 1e-3, 2.0, 0.5)
+    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=0), (got, exact)
 
 
 def test_a_head_that_pools_after_its_output_layer_is_refused():
@@ -1270,7 +1285,7 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
     student = loop.new_student(base, 1, 40)[0].train()
     torch.manual_seed(2)
     soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
-    idx, lr = list(range(16)), 1e-3
+    idx, lr = list(range(31, 15, -1)), 1e-3  # rows in the batch are not the examples' indices
     reward = distill.Reward(loop, torch.arange(32, 40), soft)
     held, j = loop.batch(reward.probe(0))
     h = distill.heldout_grad(student, held, loop.labels[j])
@@ -1294,7 +1309,7 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
         loss, seen = loop.loss(student, idx, soft[0], reward.layer)
         loss.backward()  # (the step itself changes nothing of what was seen)
         got = torch.tensor(reward.after(student, 0, seen))
-        rows = idx if share == 1 else kd.where_teachers_differ(soft[:, idx], 4).tolist()
+        rows = range(16) if share == 1 else kd.where_teachers_differ(soft[:, idx], 4).tolist()
         expected = lookahead([idx[r] for r in rows]) * share
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), share
     assert not passes  # no forward-mode pass
@@ -1426,7 +1441,8 @@ def test_the_readmes_trainer_block_runs_and_discards_the_contradicting_teacher(t
     sampler = given["sampler"]
     assert sampler.discarded() == ["teacher2"], sampler.evidence()
     assert len(sampler.trace) == 2 * 4  # phase-1 and phase-2 learned from each of their 4 batches
-    assert given["final"] is not given["student"]
+    fresh = given["new_model"]().state_dict()
+    assert any(not torch.equal(w, fresh[k]) for k, w in given["final"].state_dict().items())  # it trained
 
 
 def test_held_out_batches_every_rank_can_share(tmp_path):
@@ -1725,11 +1741,13 @@ def test_bench_pilot_and_selection(tiny_bench):
 
 
 @pytest.mark.parametrize("reach", ["student", "output"])
-def test_bench_audit_measures_the_reward_the_run_uses(workdir, reach):
-    """The audit changes nothing the run computes, and measures what it says: through the whole student
-    on the whole batch, its values are the rewards such a run logs, bit for bit."""
+def test_bench_audit_measures_the_reward_the_run_uses(workdir, tmp_path, reach):
+    """The audit changes nothing the run computes, and measures what it says: on a student without
+    dropout, its whole-student values are the rewards a whole-student run logs, bit for bit, and its
+    output-layer values those an output-layer run logs."""
     import bench
-    argv = FAST + ["--reward_reach", reach, "--cache_dir", os.path.join(workdir, "cache")]
+    student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
+    argv = FAST + ["--student", student, "--reward_reach", reach, "--cache_dir", os.path.join(workdir, "cache")]
     old = os.getcwd()
     os.chdir(workdir)
     try:
@@ -1742,8 +1760,13 @@ def test_bench_audit_measures_the_reward_the_run_uses(workdir, reach):
     audit = {key: audited.pop(key) for key in bench.AUDITS}
     assert audited == plain
     logged = [r for _, r in plain["rewards"][:len(plain["phase1"])]]
-    assert (audit["whole_student"] == logged) == (reach == "student")
     assert all(len(values) == len(logged) for values in audit.values())
+    if reach == "student":
+        assert audit["whole_student"] == logged
+        assert not np.allclose(audit["output_no_dropout"], logged, rtol=1e-2)
+    else:  # the same sums from a forward without dropout and one with dropout 0
+        assert np.allclose(audit["output_no_dropout"], logged, rtol=1e-5, atol=0)
+        assert not np.allclose(audit["whole_student"], logged, rtol=1e-2)
 
 
 def test_bench_reuses_a_run_at_flags_its_strategy_never_reads(workdir):
