@@ -1386,26 +1386,33 @@ def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
         loop.train(phase, student, opt, sched, 1, idx, soft, sampler, reward)
     assert len(modes) == 4 + 4 and all(modes), modes  # 64 and 56 examples in batches of 16
 
-def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_path):
-    """README.md's own-loop block, run as written on a tiny model and data: three teachers, one sure
-    of the labels, one less sure, one contradicting them; selection (keep 2) discards the last."""
+def readme_block(section, tmp_path):
+    """The python block of one README.md section, and its tiny setting: (code, tiny BERT folder,
+    tokenizer, token ids of 160 examples, their labels [N], the held-out rows 128-159, and the logits
+    [K, N, C] of three teachers: one sure of the labels, one less sure, one contradicting them)."""
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    code = readme.split("## AutoSKD in your own loop")[1].split("```python\n")[1].split("```")[0]
-    assert len(code.splitlines()) <= 30
+    code = readme.split(f"## {section}")[1].split("```python\n")[1].split("```")[0]
     base = make_tiny_bert(str(tmp_path / "bert"), layers=2)
     write_task(str(tmp_path / "glue"), "RTE", n_train=160, n_dev=8)
     train = glue_data.load_task(str(tmp_path / "glue"), "RTE")["train"]
     tokenizer = BertTokenizer.from_pretrained(base)
     enc = glue_data.encode(tokenizer, train, 64)
     labels = torch.tensor(train.labels)  # [N]
-    inputs = lambda idx: glue_data.collate(tokenizer, enc, idx)
-    rows = [list(range(i, i + 16)) for i in range(0, 128, 16)]
-    held = list(range(128, 160))  # held-out examples: never a training batch
     right = torch.nn.functional.one_hot(labels, 2).float() * 4 - 2  # [N, C]: +2 on the label
+    logits = torch.stack([right, right / 2, -right])  # [K, N, C]
+    return code, base, tokenizer, enc, labels, list(range(128, 160)), logits
+
+
+def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_path):
+    """README.md's own-loop block, run as written on a tiny model and data; selection (keep 2)
+    discards the contradicting teacher."""
+    code, base, tokenizer, enc, labels, held, logits = readme_block("AutoSKD in your own loop", tmp_path)
+    assert len(code.splitlines()) <= 30
+    inputs = lambda idx: glue_data.collate(tokenizer, enc, idx)
+    rows = [list(range(i, i + 16)) for i in range(0, 128, 16)]  # held-out examples: never a batch
     given = {"model": AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
              "batches": [(inputs(idx), labels[idx], idx) for idx in rows],
-             "held": (inputs(held), labels[held]),
-             "logits": torch.stack([right, right / 2, -right])}  # [K, N, C]
+             "held": (inputs(held), labels[held]), "logits": logits}
     exec(code, given)
     sampler = given["sampler"]
     assert sampler.discarded() == ["teacher2"], sampler.evidence()
@@ -1413,29 +1420,20 @@ def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_pa
 
 
 def test_the_readmes_trainer_block_runs_and_discards_the_contradicting_teacher(tmp_path, monkeypatch):
-    """README.md's Trainer block, run as written in one CPU process on a tiny model and data: three
-    teachers, one sure of the labels, one less sure, one contradicting them; selection (keep 2)
-    discards the last, and the final student trains without moving p."""
+    """README.md's Trainer block, run as written in one CPU process on a tiny model and data;
+    selection (keep 2) discards the contradicting teacher, and the final student trains without
+    moving p."""
     pytest.importorskip("accelerate")
     from datasets import Dataset
     from transformers import DataCollatorWithPadding
-    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    code = readme.split("## AutoSKD in a transformers Trainer")[1].split("```python\n")[1].split("```")[0]
+    section = "AutoSKD in a transformers Trainer"
+    code, base, tokenizer, enc, labels, held, logits = readme_block(section, tmp_path)
     assert len(code.splitlines()) <= 45
-    base = make_tiny_bert(str(tmp_path / "bert"), layers=2)
-    write_task(str(tmp_path / "glue"), "RTE", n_train=160, n_dev=8)
-    train = glue_data.load_task(str(tmp_path / "glue"), "RTE")["train"]
-    tokenizer = BertTokenizer.from_pretrained(base)
-    enc = glue_data.encode(tokenizer, train, 64)
-    labels = torch.tensor(train.labels)  # [N]
-    held = list(range(128, 160))  # held-out examples: never in train_set
-    right = torch.nn.functional.one_hot(labels, 2).float() * 4 - 2  # [N, C]: +2 on the label
-    rows = {name: values[:128] for name, values in enc.items()}
+    rows = {name: values[:128] for name, values in enc.items()}  # the held-out rows: not in train_set
     given = {"new_model": lambda: AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
-             "train_set": Dataset.from_dict(rows | {"labels": train.labels[:128], "idx": list(range(128))}),
+             "train_set": Dataset.from_dict(rows | {"labels": labels[:128].tolist(), "idx": list(range(128))}),
              "collator": DataCollatorWithPadding(tokenizer),
-             "held": (glue_data.collate(tokenizer, enc, held), labels[held]),
-             "logits": torch.stack([right, right / 2, -right])}  # [K, N, C]
+             "held": (glue_data.collate(tokenizer, enc, held), labels[held]), "logits": logits}
     monkeypatch.chdir(tmp_path)
     exec(code, given)
     sampler = given["sampler"]
