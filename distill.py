@@ -489,7 +489,7 @@ def features_and_logits(model, batch, layer=None):
         hook.remove()
     u, out = seen[-1]
     if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
-        raise ValueError(f"the logits of {type(layer).__name__} are not its output layer's output "
+        raise ValueError(f"the logits of {type(model).__name__} are not its output layer's output "
                          f"(a head that pools after it): use --reward_reach student")
     return u, z
 
