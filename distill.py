@@ -626,8 +626,9 @@ class Reward:
             rows = kd.where_teachers_differ(in_play, m).tolist()
         share = len(rows) / len(idx)  # as a mean over the batch: the rest adds next to nothing
         self.scored = (idx, rows, share, lr)
-        if self.reach == "output":
-            self.layer = output_layer(student)  # after(): from the step's own features
+        if self.reach == "output":  # after(): from the step's own features at the output layer
+            if self.layer is None:
+                self.layer = output_layer(student)
             return
         batch, i = L.batch([idx[j] for j in rows])
         values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state, lr,
