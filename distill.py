@@ -652,7 +652,7 @@ class Reward:
         if self.reach == "output":
             idx, rows, share, lr = self.scored
             i = torch.tensor([idx[j] for j in rows], device=L.device)
-            u, z = (at_least_float32(x.detach()[torch.tensor(rows, device=x.device)]) for x in seen)
+            u, z = (x.detach()[torch.tensor(rows, device=x.device)] for x in seen)  # float32 below
             values = output_layer_rewards(u, z, L.labels[i], self.soft[:, i], self.state, lr,
                                           L.args.temperature, L.args.alpha, L.labelled[i])
             return L.reduce_mean(values * share, 1).tolist()  # [K]
