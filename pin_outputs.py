@@ -7,9 +7,9 @@ It checks REV out into a temporary git worktree, makes tiny data (RTE and STS-B 
 formats) and a local hub holding tiny checkpoints under the small recipe's names, then runs the same
 command lines with both code trees, offline, one thread each, and compares what every run wrote:
 metrics.json (timings aside), distribution.json, the model card, the test predictions, the
-student's config and weights. The runs cover every strategy, both rewards, a transfer set, a team
-built from a recipe, regression, --predict_test, and runs killed in phase-1, phase-2 and the final
-training then resumed. Exit 0 when every value is the same; else each difference is listed.
+student's config and weights. The runs cover every strategy, both rewards, both reaches of the
+lookahead and a share of the batch, a transfer set, a team built from a recipe, regression,
+--predict_test, and runs killed in phase-1, phase-2 and the final training then resumed. Exit 0 when every value is the same; else each difference is listed.
 """
 import argparse
 import hashlib
@@ -43,6 +43,8 @@ def runs(hub_student):
     out.append(("runs/single", rte + FAST + single, None))
     out.append(("runs/none", rte + FAST + ["--strategy", "none", "--student", hub_student], None))
     out.append(("runs/step", rte + FAST + ["--reward", "step"], None))
+    out.append(("runs/whole", rte + FAST + ["--reward_reach", "student"], None))
+    out.append(("runs/share", rte + FAST + ["--lookahead_share", "0.5"], None))
     out.append(("runs/transfer", rte + FAST + ["--transfer", TRANSFER], None))
     for phase, steps in KILLS.items():
         out.append((f"runs/killed-{phase}", rte + FAST + ["--save_every", "4"], steps))
