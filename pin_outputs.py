@@ -9,7 +9,8 @@ command lines with both code trees, offline, one thread each, and compares what 
 metrics.json (timings aside), distribution.json, the model card, the test predictions, the
 student's config and weights. The runs cover every strategy, both rewards, both reaches of the
 lookahead and a share of the batch, a transfer set, a team built from a recipe, regression,
---predict_test, and runs killed in phase-1, phase-2 and the final training then resumed. Exit 0 when every value is the same; else each difference is listed.
+--predict_test, and runs killed in phase-1, phase-2 and the final training then resumed.
+Exit 0 when every value is the same; else each difference is listed.
 """
 import argparse
 import hashlib
