@@ -1,15 +1,15 @@
-"""AutoSKDBERT ("Learn to Stochastically Distill BERT"): the procedure, the loop, the reward.
+"""AutoSKDBERT ("Learn to Stochastically Distill BERT"): a small BERT distilled from a team.
 
     python distill.py --task RTE      # phase-1, teacher selection, phase-2, the final student
     python distill.py --task RTE --strategy none --student <name or folder> --out_dir <folder>
     torchrun --nproc_per_node=N distill.py --task RTE   # data-parallel: nccl on GPUs, gloo on CPUs
 
-The second command fine-tunes one teacher. Read from main(): the data, the team, each strategy's
-teaching (setup), then autoskd(): phase-1, teacher selection, phase-2, the final student. A step
-(Loop.train): k ~ Categorical(p), the KD loss on teacher k's soft targets, an optimizer step, the
-reward on held-out TRAINING examples (heldout_output_grad, output_layer_rewards: plain functions of
-a model and tensors; dev is for reporting only), and sampler.update(k, reward), which moves theta_k
-alone.
+The second command fine-tunes one teacher. The method reads top-down to the banner "the command"
+(arguments, data, the team, saving and resume lie below it). Each step draws ONE teacher
+k ~ Categorical(p) and distils from it alone (Teaching, train). Phase-1 learns p over the team,
+teacher selection discards the ineffective teachers, phase-2 refines p over the kept ones, each
+step moving theta_k alone by a reward on held-out TRAINING examples, never dev (autoskd, the
+reward, sampler.py). The final student, the one reported, distils from the frozen p.
 """
 import argparse
 import functools
@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,10 +27,329 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import glue_data
-import model as kd
-import teachers as team_lib
-from sampler import TeacherSampler, check_keep, check_weights, teacher_rank
+import model
+import teachers
+from sampler import TeacherSampler, check_keep, check_skd_weights, teacher_rank
 
+# ------------------------------------------------------------------------- each strategy's teaching
+@dataclass
+class Teaching:
+    """What a strategy teaches with. Each step draws k ~ Categorical(p) and distils from soft[k]
+    (auto, uniform, skd; single: a team of one), or from the team's mean (ensemble); with no team
+    (none: fine-tuning) the labels alone teach."""
+    soft: torch.Tensor  # [K, N, C]: each teacher's soft targets at temperature T (K = 0: no team)
+    sampler: TeacherSampler  # p over the K teachers
+    learn_p: bool = False  # auto: phases 1-2 learn p before the final student
+    mean: torch.Tensor = None  # ensemble: [N, C], the team's mean soft targets
+
+    def draw(self):
+        """This step's teacher k and the soft targets it teaches, [N, C]: (k, soft[k]); the
+        ensemble's (None, its mean); with no team (None, None), the labels alone."""
+        if self.mean is not None:
+            return None, self.mean
+        if len(self.soft) == 0:
+            return None, None
+        k = self.sampler.sample()  # k ~ Categorical(p)
+        return k, self.soft[k]
+
+def teach(args, team, device):
+    """Each strategy's Teaching from the team (a list of teachers.Teacher), in one place."""
+    names = [t.name for t in team]
+    sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
+    if not team:
+        return Teaching(torch.empty(0), sampler)  # none: fine-tuning
+    soft = torch.stack([model.soft_targets(t.train, args.temperature) for t in team]).to(device)
+    if args.strategy == "ensemble":
+        return Teaching(soft, sampler, mean=soft.mean(0))  # p stays uniform: the equal shares
+    if args.strategy == "skd":  # SKDBERT: a fixed p, p_k = w_k / sum_j w_j
+        weights = args.weights or teacher_rank([glue_data.score(t.dev_metrics) for t in team])
+        sampler.theta = torch.tensor(weights, dtype=torch.float64).log()
+        shown = [f"{name} {p:.3f}" for name, p in zip(names, sampler.probs())]
+        print("skd distribution: " + ", ".join(shown))
+    return Teaching(soft, sampler, learn_p=args.strategy == "auto")  # uniform, single: p as it is
+
+# ------------------------------------------------------------------------------------- AutoSKD
+def autoskd(run, resume, base, teaching, keep):
+    """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
+    phase-1 over the whole team, teacher selection, phase-2 over the kept teachers, with rewards on
+    held-out labelled examples. Then the final student, the one reported (every strategy): fresh,
+    on all of train (and the transfer set), drawing its teachers from the frozen p. Returns it."""
+    a = run.args
+    n = run.n_labelled  # train's examples; those of the transfer set follow them
+    everything = torch.arange(len(run.labels))  # [N + M]
+    if teaching.learn_p:
+        shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
+        n_held = max(1, int(a.heldout * n))
+        heldout = shuffled[:n_held]  # the reward's examples, never trained on in phases 1-2
+        train_idx = torch.cat([shuffled[n_held:], everything[n:]])  # the rest, then transfer
+        reward = REWARDS[a.reward](run, heldout, teaching.soft)
+        steps1 = count_steps(a.phase1_epochs, len(train_idx), a.batch_size)
+        steps2 = count_steps(a.phase2_epochs, len(train_idx), a.batch_size)
+        print(f"AutoSKD: phase-1 {steps1} steps, teacher selection, phase-2 {steps2} steps; then:")
+        epochs = a.phase1_epochs + a.phase2_epochs
+        student = new_student(run, base, epochs, len(train_idx))
+        train(run, resume, "phase1", student, a.phase1_epochs, train_idx, teaching, reward)
+        teaching.sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
+        teaching.sampler.show_selection()
+        train(run, resume, "phase2", student, a.phase2_epochs, train_idx, teaching, reward)
+    # The final student: p frozen, no reward.
+    steps = count_steps(a.epochs, len(everything), a.batch_size)
+    print(f"{run.shown['final']}: {a.epochs} epoch(s), {steps} steps")
+    student = new_student(run, base, a.epochs, len(everything))
+    train(run, resume, "final", student, a.epochs, everything, teaching)
+    return student.model
+
+# ------------------------------------------------------------------------------- the training loop
+def train(run, resume, phase, student, epochs, train_idx, teaching, reward=None):
+    """Train the student (a Student) for `epochs` over train_idx, indices into run's examples.
+    Every step: k ~ Categorical(p), the reward's look at the batch before the step (phases 1-2),
+    the KD loss on teacher k's soft targets, an AdamW step, and sampler.update(k, reward), which
+    moves theta_k alone."""
+    a = run.args
+    sampler = teaching.sampler
+    parts = dict(student=student.model, opt=student.opt, sched=student.sched, sampler=sampler,
+                 reward=reward)
+    start = resume.start(phase, parts)  # (epoch, batch, step) to go on from
+    if start is None:
+        return  # the phase had finished before the run was killed
+    first_epoch, skip, step = start
+    ema = None  # the loss shown and checked for NaN: a moving average over the phase
+    student.model.train()  # dropout on: from_pretrained hands over a model in eval mode
+    for epoch in range(first_epoch, epochs + 1):
+        began = run.clock()
+        order_state = run.order.get_state()  # resume draws the epoch's batches again from it
+        batches = glue_data.batches(run.lengths[train_idx], a.batch_size, run.order)
+        desc = f"{run.shown[phase]} epoch {epoch}/{epochs}"
+        bar = tqdm(batches[skip:], desc, len(batches), initial=skip, mininterval=1)
+        for i, b in enumerate(bar, skip):
+            if len(b) < run.world:
+                continue  # a last batch too small to give every rank an example
+            idx = train_idx[b].tolist()[run.rank::run.world]  # this rank's share of the batch
+            k, soft_k = teaching.draw()  # k ~ Categorical(p)
+            lr = student.opt.param_groups[0]["lr"]
+            if reward:
+                reward.before(student.model, idx, step, lr, sampler.active)
+            layer = reward.layer if reward else None  # whose features the reward reads
+            loss, seen = run.kd_loss(student.net, idx, soft_k, layer)
+            ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()
+            save = (step + 1) % a.save_every == 0
+            if run.device.type == "cpu" or bar.n % 50 == 0 or save or i == len(batches) - 1:
+                check_loss(run, ema, bar, f"{run.shown[phase]} epoch {epoch} step {step + 1}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+            student.opt.step()
+            student.sched.step()
+            student.opt.zero_grad(set_to_none=True)
+            if reward:
+                sampler.update(k, reward.after(student.model, step, seen))  # only theta_k moves
+            step += 1
+            if save:
+                resume.save(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
+                            order=order_state)
+        skip = 0
+        run.count_time(phase, step, run.clock() - began)
+        evaluate(run, phase, epoch, student.model)
+        resume.save(parts, phase=phase, epoch=epoch + 1, batch=0, step=step,
+                    order=run.order.get_state())
+
+# ------------------------------------------------------------------------------------ the reward
+# The reward as plain functions of a student and tensors: copy them into any training loop.
+# --reward lookahead (default): EVERY teacher j is scored on the step's batch by how much a step of
+# size lr on its soft targets would lower the held-out expected error E, to first order. Teacher
+# j's step is -lr * g_j, so with z [B, C] the batch's logits:
+#     r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
+#
+# Teachers differ only in dL_j/dz (teacher_pulls), so ONE product J h scores the whole team on the
+# same batch and held-out examples, and the sampler's baseline sum_j p_j r_j cancels what the batch
+# adds to all of them. A known bias: r_j - r_k is linear in the soft targets q_k - q_j, so of two
+# teachers right as often the less sure one scores less (results/README.md).
+#
+# --reward_reach output (default): theta is the output layer alone, z = W u + b (u [B, d]: the
+# features it reads). Then J h needs no pass through the body, as in GLISTER-ONLINE's one-step
+# lookahead from last-layer gradients (Killamsetty et al., AAAI 2021); u': the held-out features:
+#     (J h)_i = h_W u_i + h_b,   h_W = sum_m dE/dz'_m u'_m^T,   h_b = sum_m dE/dz'_m
+#
+# u and z come from the training step's own forward (dropout on, so u carries its mask; h is
+# measured with dropout off): the reward costs no pass of its own.
+# --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
+# fine-tuning step's work). --reward step: see StepReward.
+def at_least_float32(x):
+    """x in float32 when it is in a narrower float (bf16 autocast), else as it is (float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
+    """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
+    targets soft [K, B, C]; labels [B]; labelled [B] bool (None: all labelled)."""
+    z = at_least_float32(z.detach()).requires_grad_()
+    pulls = []
+    with torch.enable_grad():
+        for soft_j in soft:
+            loss = model.kd_loss(z, labels, soft_j, temperature, alpha, labelled)
+            pulls.append(torch.autograd.grad(loss, z)[0])
+    return torch.stack(pulls)
+
+@torch.no_grad()
+def heldout_output_grad(student, batch, labels):
+    """h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected error
+    E on held-out examples over the layer's weight and bias, from one forward without gradients,
+    dropout off. batch: {input name: [H, L]}; labels [H] (both moved to the layer's device)."""
+    layer = output_layer(student)
+    device = layer.weight.device
+    batch = {name: x.to(device) for name, x in batch.items()}
+    was_training = student.training
+    student.eval()
+    u, z = features_and_logits(student, batch, layer)  # [H, d], [H, C]
+    student.train(was_training)
+    with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
+        dE_dz = model.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
+        h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
+    h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
+    return [h_W, h_b]
+
+def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled=None):
+    """Every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]: u [B, d] and z
+    [B, C] from features_and_logits; h from heldout_output_grad; the rest as lookahead_rewards."""
+    h_W, h_b = h
+    with torch.autocast(z.device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
+        u = u.detach().to(torch.promote_types(u.dtype, h_W.dtype))
+        jh = u @ h_W.T + h_b  # [B, C]
+        pulls = teacher_pulls(z, labels, soft, temperature, alpha, labelled)  # [K, B, C]
+    return lr * (pulls * jh).sum((1, 2))
+
+def heldout_grad(student, batch, labels):
+    """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),
+    dropout off, over the trainable weights: a list of tensors in student.parameters() order, each
+    with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use).
+    batch: {input name: [H, L]}; labels [H]."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    was_training = student.training
+    student.eval()
+    logits = at_least_float32(student(**batch).logits)  # [H, C]
+    dE_dz = model.expected_error_grad(logits.detach(), labels)  # [H, C]
+    h = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
+    student.train(was_training)
+    return list(h)
+
+def lookahead_rewards(student, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
+    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch through every trainable weight, [K].
+    batch: {input name: [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets
+    (model.soft_targets); h from heldout_grad; labelled [B] bool, False for transfer examples
+    (None: all labelled)."""
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # as in h
+    names = [n for n, _ in trained]
+    weights = tuple(p.detach() for _, p in trained)
+
+    def logits(*w):
+        z = torch.func.functional_call(student, dict(zip(names, w)), kwargs=batch).logits
+        return at_least_float32(z)
+
+    was_training = student.training
+    student.eval()
+    # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
+    # attention kernels have no forward-mode derivative; the plain one computes the same.
+    with torch.autocast(weights[0].device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
+    student.train(was_training)
+    return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
+
+class LookaheadReward:
+    """--reward lookahead: every teacher's r_j on the step's batch (K floats, the mean over ranks),
+    h measured anew every --probe_every steps; with --lookahead_share below 1, on the rows where
+    the teachers in play differ most."""
+
+    def __init__(self, run, heldout, soft):
+        self.run = run
+        self.heldout = HeldOut(run, heldout)
+        self.soft = soft  # [K, N, C]
+        self.reach = run.args.reward_reach
+        self.h = None  # what the rewards need of the held-out batch: dE/dtheta
+        self.layer = None  # reach output: the output layer, found at the first step
+        self.scored = None  # the step's (batch, its rows scored, their share, lr)
+        self.values = None  # reach student: the step's r_j
+
+    def before(self, student, idx, step, lr, active):
+        """Before the step on the batch idx (active: K bools, the teachers in play)."""
+        run, a = self.run, self.run.args
+        if step % a.probe_every == 0 or self.h is None:
+            inputs, labels, n = self.heldout.batch(step)
+            measure = heldout_output_grad if self.reach == "output" else heldout_grad
+            with run.autocast():
+                self.h = run.reduce_mean(measure(student, inputs, labels), n)
+        rows = list(range(len(idx)))
+        m = math.ceil(a.lookahead_share * len(idx))
+        if m < len(idx):
+            in_play = self.soft[:, idx][torch.tensor(active)]
+            rows = model.where_teachers_differ(in_play, m).tolist()
+        share = len(rows) / len(idx)  # as a mean over the batch: the rest adds next to nothing
+        self.scored = (idx, rows, share, lr)
+        if self.reach == "output":  # after(): from the step's own features
+            self.layer = self.layer if self.layer is not None else output_layer(student)
+            return
+        inputs, i = run.batch([idx[j] for j in rows])
+        values = lookahead_rewards(student, inputs, run.labels[i], self.soft[:, i], self.h, lr,
+                                   a.temperature, a.alpha, run.labelled[i])
+        self.values = run.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
+
+    def after(self, student, step, seen):
+        """The step's rewards, [K]; seen: (u [B, d], z [B, C]) of the step's forward at layer."""
+        if self.reach == "student":
+            return self.values
+        run = self.run
+        idx, rows, share, lr = self.scored
+        i = torch.tensor([idx[j] for j in rows], device=run.device)
+        u, z = (x.detach()[torch.tensor(rows, device=x.device)] for x in seen)
+        values = output_layer_rewards(u, z, run.labels[i], self.soft[:, i], self.h, lr,
+                                      run.args.temperature, run.args.alpha, run.labelled[i])
+        return run.reduce_mean(values * share, 1).tolist()  # [K]
+
+    def state_dict(self):
+        return {"h": self.h}
+
+    def load_state_dict(self, state):
+        self.h = state["h"]
+
+class StepReward:
+    """--reward step: the drawn teacher's alone (a float), the held-out loss before its step minus
+    after it, measured on the same held-out batch (a new one every --probe_every steps)."""
+    layer = None  # no features from the step's forward
+
+    def __init__(self, run, heldout, soft):
+        self.run = run
+        self.heldout = HeldOut(run, heldout)
+        self.loss = None  # the held-out loss before the next step
+
+    @torch.no_grad()
+    def measure(self, student, step):
+        """The hard-label loss on the step's held-out batch, dropout off (the mean over ranks)."""
+        inputs, labels, n = self.heldout.batch(step)
+        student.eval()
+        with self.run.autocast():
+            loss = model.kd_loss(student(**inputs).logits.float(), labels)  # [H, C] logits
+        student.train()
+        return float(self.run.reduce_mean(loss, n))
+
+    def before(self, student, idx, step, lr, active):
+        if step % self.run.args.probe_every == 0 or self.loss is None:
+            self.loss = self.measure(student, step)
+
+    def after(self, student, step, seen):
+        loss = self.measure(student, step)
+        reward = self.loss - loss
+        self.loss = loss
+        return reward
+
+    def state_dict(self):
+        return {"loss": self.loss}
+
+    def load_state_dict(self, state):
+        self.loss = state["loss"]
+
+REWARDS = {"lookahead": LookaheadReward, "step": StepReward}  # by --reward
+
+# ==================================================================================================
+# The command: arguments, data, the team, a recipe's teachers, saving and resume. The method is
+# above this banner, whole.
+# ==================================================================================================
 STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
 
@@ -92,18 +412,19 @@ def add_training_flags(p):
     p.add_argument("--predict_test", action="store_true", help="write test predictions for GLUE")
 
 def main(args):
-    """The command: the data, the team (a --team recipe fine-tuned first when there is none), then
-    distil()."""
+    """The command: the data, the team (a --team recipe fine-tuned first when there is none), the
+    student distilled and saved."""
     start = time.time()
     if finished_already(args):
         return
     data, transfer, test = read_data(args)
-    names, base = choose_team(args, data)
-    distil(args, data, names, base, transfer, test, start)
+    names, base = choose_models(args, data)
+    distil_and_save(args, data, names, base, transfer, test, start)
 
 def read_data(args):
-    """(train and dev {split: Examples}, the transfer set or None, the test splits with
-    --predict_test): every file read before anything long starts, so a bad row stops us at once."""
+    """Every file the run reads, before anything long starts, so that a bad row stops it at once:
+    train and dev ({split: Examples}), the transfer set (None without --transfer) and the test
+    splits (empty without --predict_test)."""
     glue_data.fetch_missing(args.task, args.data_dir)
     data = glue_data.load_task(args.data_dir, args.task)
     transfer = None
@@ -114,42 +435,45 @@ def read_data(args):
     test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}
     return data, transfer, test
 
-def distil(args, data, names, base, transfer, test, start, label=None):
-    """Distil base's bottom layers from the teachers names with args.strategy (no teachers:
-    fine-tune), predict the test splits {split: Examples}, save all; start: time.time() at start;
-    label: what progress calls the training (default: student, or fine-tune)."""
-    check_weights(args.weights, names, args.strategy)
-    kd.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
+def distil_and_save(args, data, names, base, transfer, test, start, title=None):
+    """Distil base's bottom layers from the teachers in names with args.strategy (no teachers: plain
+    fine-tuning), predict the test splits and save everything. start is time.time() when the
+    command began; title is what progress calls the training (default: student, or fine-tune)."""
+    check_skd_weights(args.weights, names, args.strategy)
+    model.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
     keep = args.keep if args.keep is not None else math.ceil(len(names) / 2)
     if args.strategy == "auto":
         check_keep(keep, len(names))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    loop = Loop(args, data, tokenizer, transfer, label)
+    run = Run(args, data, tokenizer, transfer, title)
+    resume = Resume(run)
     team = []
     if names:
         teacher_data = data | ({"transfer": transfer} if transfer else {})
-        team = team_lib.load_team(names, args.task, teacher_data, args.max_seq_len,
-                                  args.cache_dir, loop.device)
-    loop.timings["teachers_s"] = time.time() - start
-    soft, sampler = setup(args, team, loop.device)
-    student = autoskd(loop, base, soft, sampler, keep)
+        team = teachers.load_team(names, args.task, teacher_data, args.max_seq_len,
+                                  args.cache_dir, run.device)
+    run.timings["teachers_s"] = time.time() - start
+    teaching = teach(args, team, run.device)
+    student = autoskd(run, resume, base, teaching, keep)
     student.eval()
     predictions = {}  # (every rank takes part)
     for split, examples in test.items():
-        logits = team_lib.predict(student, tokenizer, examples, args.max_seq_len, loop.device)
+        logits = teachers.predict(student, tokenizer, examples, args.max_seq_len, run.device)
         predictions[split] = glue_data.label_texts(args.task, logits)
     dev = data[glue_data.get_task(args.task).dev[0]]
-    t = loop.clock()
-    figures = team_lib.beside_the_team(team, student, tokenizer, dev, args.max_seq_len, loop.device)
-    loop.timings["table_s"] = loop.clock() - t  # (bench.py --speed counts it apart)
-    loop.timings["total_s"] = time.time() - start
-    if loop.rank == 0:  # rank 0 writes
-        save(loop, student, team, sampler, predictions, figures)
-    if loop.world > 1:
+    t = run.clock()
+    figures = teachers.beside_the_team(team, student, tokenizer, dev, args.max_seq_len, run.device)
+    run.timings["table_s"] = run.clock() - t
+    run.timings["total_s"] = time.time() - start
+    if run.rank == 0:  # rank 0 writes
+        save(run, student, team, teaching, predictions, figures)
+        resume.finish()
+    if run.world > 1:
         dist.barrier()  # the ranks end together: one torn down while another still runs can abort
 
 def finished_already(args):
-    """--resume of a run that had finished: nothing to do, and its results are left alone."""
+    """Whether --resume names a run that had finished: then there is nothing to do, and its results
+    are left alone."""
     metrics = os.path.join(args.out_dir, "metrics.json")
     resumable = os.path.isfile(os.path.join(args.out_dir, "resume.pt"))
     finished = args.resume and os.path.isfile(metrics) and not resumable
@@ -157,59 +481,127 @@ def finished_already(args):
         print(f"{args.out_dir} holds a finished run ({metrics}): nothing to resume; left as is")
     return finished
 
-def setup(args, team, device):
-    """Each strategy's teaching, in one place: (soft targets [K, N, C] or None, sampler or None).
-    A step distils from soft[k], k drawn from the sampler (k = 0 without one)."""
-    if not team:
-        return None, None  # none: the labels alone
-    soft = torch.stack([kd.soft_targets(t.train, args.temperature) for t in team]).to(device)
-    if args.strategy == "ensemble":
-        return soft.mean(0, keepdim=True), None  # the team's mean soft targets, at every step
-    if args.strategy == "single":
-        return soft, None
+def choose_models(args, data):
+    """The teachers' checkpoints and the student's: --teachers or those found (a --team recipe may
+    be fine-tuned first), and --student, the recipe's student or the teachers' recorded base."""
+    if args.strategy == "none":
+        if not args.student:
+            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
+                             "(hub name or folder)")
+        return [], args.student
+    fine_tune_one = functools.partial(fine_tune, args, data)
+    n = len(data["train"])
+    names, recipe = teachers.choose_team(args.teachers, args.task, args.team, fine_tune_one, n)
+    if args.strategy == "single" and len(names) != 1:
+        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
+                         f"name one with --teachers DIR")
+    if args.student:
+        return names, args.student
+    if recipe:
+        args.student_layers = args.student_layers or recipe.student_layers
+        print(f"student: {recipe.student} (the {args.team or 'small'} team's)")
+        return names, recipe.student
+    base = teachers.recorded_base(names)
+    print(f"student: {base} (the base model the teachers were fine-tuned from)")
+    return names, base
+
+def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
+    """Fine-tune one teacher of a recipe from checkpoint into out (--strategy none) on the data of
+    the run args, resumed if it was killed."""
+    argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none",
+            "--student", checkpoint, "--epochs", str(epochs), "--lr", str(lr),
+            "--batch_size", str(batch_size), "--max_seq_len", str(args.max_seq_len),
+            "--seed", str(args.seed), "--out_dir", out]
+    resume = os.path.isfile(os.path.join(out, "resume.pt"))
+    print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
+    teacher_args = parse_args(argv + ["--resume"] * resume)
+    distil_and_save(teacher_args, data, [], checkpoint, None, {}, time.time(),
+                    f"fine-tune {teacher}")
+
+def save(run, student, team, teaching, test, figures):
+    """The student with its model card, metrics.json, distribution.json and the test predictions,
+    each written whole or not at all; with a team, the table of the student beside it."""
+    a = run.args
+    out = a.out_dir
+    model.save_student(student, run.tokenizer, out)
+    dev = run.history[-1]["dev"]
     names = [t.name for t in team]
-    sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
-    if args.strategy == "skd":  # SKDBERT: a fixed p, p_k = w_k / sum_j w_j
-        weights = args.weights or teacher_rank([glue_data.score(t.dev_metrics) for t in team])
-        sampler.theta = torch.tensor(weights, dtype=torch.float64).log()
-        shown = [f"{name} {p:.3f}" for name, p in zip(names, sampler.probs())]
-        print("skd distribution: " + ", ".join(shown))
-    return soft, sampler  # auto: p is learned; uniform and skd: p stays as it is
+    final = teaching.sampler.probs().tolist()
+    metrics = {"task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev,
+               "score": glue_data.score(dev), "history": run.history, "timings": run.timings,
+               "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(a)}
+    kept = teaching.sampler.active if teaching.learn_p else None  # selection's verdicts
+    table = teachers.closing_table(team, figures, metrics["score"], kept, final) if team else {}
+    metrics["beside_the_team"] = table
+    glue_data.write_json(os.path.join(out, "metrics.json"), metrics)
+    if team:
+        learned = teaching.sampler.record() if teaching.learn_p else {}
+        distribution = {"teachers": names, "final": final} | learned
+        glue_data.write_json(os.path.join(out, "distribution.json"), distribution)
+        shown = [f"{name} {p:.3f}" for name, p in zip(names, final)]
+        print("final distribution: " + ", ".join(shown))
+    card = model.model_card(a, student, dev, names, final, table.get("lines", []))
+    glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
+    for split, labels in test.items():
+        glue_data.write_predictions(a.task, split, labels, out)
+    done = f"done in {run.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}"
+    print("\n".join([done] + table.get("lines", [])))  # then the student beside its teachers
 
-def autoskd(loop, base, soft, sampler, keep):
-    """AutoSKD. With --strategy auto, p is learned first, on a student used for nothing else:
-    phase-1 over the whole team, teacher selection, phase-2 over the kept teachers, with rewards on
-    held-out labelled examples. Then the final student, the one reported (every strategy): fresh, on
-    all of train (and the transfer set), drawing its teachers from the frozen p."""
-    a = loop.args
-    n = loop.n_labelled  # train's examples; those of the transfer set follow them
-    everything = torch.arange(len(loop.labels))  # [N + M]
-    if a.strategy == "auto":
-        shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
-        n_held = max(1, int(a.heldout * n))
-        heldout = shuffled[:n_held]  # the reward's examples, never trained on in phases 1-2
-        train_idx = torch.cat([shuffled[n_held:], everything[n:]])  # the rest, then transfer
-        reward = Reward(loop, heldout, soft)
-        print(f"AutoSKD: phase-1 {loop.steps(a.phase1_epochs, len(train_idx))} steps, teacher "
-              f"selection, phase-2 {loop.steps(a.phase2_epochs, len(train_idx))} steps; then:")
-        epochs = a.phase1_epochs + a.phase2_epochs
-        student, opt, sched = loop.new_student(base, epochs, len(train_idx))
-        loop.train("phase1", student, opt, sched, a.phase1_epochs, train_idx, soft, sampler, reward)
-        sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
-        sampler.show_selection()
-        loop.train("phase2", student, opt, sched, a.phase2_epochs, train_idx, soft, sampler, reward)
-    # The final student: p frozen, no reward.
-    steps = loop.steps(a.epochs, len(everything))
-    print(f"{loop.shown['final']}: {a.epochs} epoch(s), {steps} steps")
-    student, opt, sched = loop.new_student(base, a.epochs, len(everything))
-    loop.train("final", student, opt, sched, a.epochs, everything, soft, sampler)
-    return student
+# ----------------------------------------------------------------- what the reward reads
+def output_layer(student):
+    """The layer whose output is the logits: the last nn.Linear with one output per label (BERT's
+    and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
+    features_and_logits checks that its output is the logits."""
+    n = getattr(student, "module", student).config.num_labels  # (DDP: the model is its .module)
+    linears = [m for m in student.modules()
+               if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not linears:
+        raise ValueError(f"{type(student).__name__} has no linear layer with {n} outputs: use "
+                         f"--reward_reach student")
+    return linears[-1]
 
-# ------------------------------------------------------------------------------- the training loop
-def warmup_then_decay(step, warmup, total):
-    """The lr's factor: linear warm-up (non-zero from step 0), then linear decay to 0 at total."""
-    return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+def features_and_logits(student, batch, layer=None):
+    """(u [B, d], z [B, C]): what the output layer (default: output_layer(student)) reads, and the
+    logits of student(**batch)."""
+    layer = layer or output_layer(student)
+    seen = []
+    hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
+    try:
+        z = student(**batch).logits
+    finally:
+        hook.remove()
+    u, out = seen[-1]
+    if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
+        raise ValueError(f"the logits of {type(student).__name__} are not its output layer's "
+                         f"output (a head that pools after it): use --reward_reach student")
+    return u, z
 
+class HeldOut:
+    """The reward's held-out TRAINING examples (never dev), in batches of --probe_size: one batch
+    every --probe_every steps, each rank measuring its share of it."""
+
+    def __init__(self, run, idx):
+        self.run = run
+        self.idx = idx  # [H] indices of held-out training examples
+        size = min(len(idx), run.args.probe_size or run.args.batch_size)
+        batches = glue_data.batches(run.lengths[idx], size)
+        self.batches = [b for b in batches if len(b) >= run.world]  # every rank takes a share
+        if not self.batches:
+            raise ValueError(f"held-out batches of {size} cannot be shared by {run.world} "
+                             f"processes: raise --probe_size or --heldout")
+
+    def examples(self, step):
+        """The indices of the step's held-out batch, every rank's."""
+        n = step // self.run.args.probe_every
+        return self.idx[self.batches[n % len(self.batches)]].tolist()
+
+    def batch(self, step):
+        """This rank's share of the step's held-out batch: ({input: [H, L]}, labels [H], H)."""
+        mine = self.examples(step)[self.run.rank::self.run.world]
+        inputs, i = self.run.batch(mine)
+        return inputs, self.run.labels[i], len(mine)
+
+# ------------------------------------------------------------------------------- the run's data
 def init_distributed():
     """(device, rank, world): one process per device under torchrun (nccl on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -221,19 +613,20 @@ def init_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, dist.get_rank() if world > 1 else 0, world
 
-class Loop:
-    """What every phase shares: the task's data, encoded once for the student, the device, ranks."""
+class Run:
+    """What the steps of a run share: the training examples, encoded once for the student (train's
+    N labelled ones, then the M of the transfer set), on the device; this process's rank among
+    world; the batch order; the dev history and timings that metrics.json reports."""
 
-    def __init__(self, args, data, tokenizer, transfer=None, label=None):
+    def __init__(self, args, data, tokenizer, transfer=None, title=None):
         self.args = args
-        final = label or ("fine-tune" if args.strategy == "none" else "student")
+        final = title or ("fine-tune" if args.strategy == "none" else "student")
         self.shown = {"phase1": "phase-1", "phase2": "phase-2", "final": final}  # progress's names
         self.data = data
         self.tokenizer = tokenizer
         self.device, self.rank, self.world = init_distributed()
         # CPU time on CPU: a virtual machine's host may steal wall time
         self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter
-        # The training examples: train's N labelled ones, then the M of the transfer set if any.
         train = data["train"]
         examples = glue_data.concat(train, transfer) if transfer else train
         self.n_labelled = len(train)
@@ -243,30 +636,8 @@ class Loop:
         self.labels = torch.tensor(labels, device=self.device)  # [N + M] long; STS-B: float
         self.labelled = torch.arange(len(examples), device=self.device) < len(train)  # [N + M]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
-        self.timings = {}  # timings (since this process started) go to metrics.json
-        glue_data.check_writable(args.out_dir, self.rank)
-        self.resume_path = os.path.join(args.out_dir, "resume.pt")
-        self.resume = self.load_checkpoint() if args.resume else None
-        self.history = self.resume["history"] if self.resume else []  # dev metrics, every epoch
-
-    def new_student(self, base, epochs, n_train):
-        """A fresh student, its AdamW and its schedule; a step calls self.net (torchrun: DDP)."""
-        a = self.args
-        torch.manual_seed(a.seed)  # the new head and dropout repeat with the seed
-        labels = glue_data.get_task(a.task).labels
-        student = kd.build_student(base, labels, a.student_layers, a.task)[0].to(self.device)
-        if self.rank:
-            torch.manual_seed(a.seed + 1000 * self.rank)  # each rank its own dropout masks
-        self.net = DDP(student, forward_sync_buffers=False) if self.world > 1 else student
-        steps = self.steps(epochs, n_train)
-        warmup = max(1, steps // 10)
-        opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_then_decay(step, warmup, steps))
-        return student, opt, sched
-
-    def steps(self, epochs, n):
-        return epochs * math.ceil(n / self.args.batch_size)
+        self.history = []  # dev metrics, every epoch
+        self.timings = {}  # timings (since this process started)
 
     def batch(self, idx):
         """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]); on GPU through pinned
@@ -276,22 +647,26 @@ class Loop:
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b, b.pop("idx")
 
-    def loss(self, student, idx, soft_k, layer=None):
-        """(KD loss of the examples idx, seen); soft_k [N, C]: one teacher's soft targets, or None
-        (the labels alone); seen: (u, z) at layer (features_and_logits), None without a layer."""
+    def autocast(self):
+        """bf16 autocast on GPU; nothing on CPU."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def kd_loss(self, net, idx, soft_k, layer=None):
+        """(the KD loss of net on the examples idx, seen); soft_k [N, C]: one teacher's soft targets
+        (None: the labels alone); seen: (u, z) at layer (features_and_logits), None without one."""
         a = self.args
         b, i = self.batch(idx)
         seen = None
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():
             if layer is None:
-                logits = student(**b).logits
+                logits = net(**b).logits
             else:
-                seen = features_and_logits(student, b, layer)
+                seen = features_and_logits(net, b, layer)
                 logits = seen[1]
-        logits = logits.float()  # [B, C], bf16 autocast on GPU
+        logits = logits.float()  # [B, C]
         targets = soft_k[i] if soft_k is not None else None
-        loss = kd.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha, self.labelled[i])
-        return loss, seen
+        return model.kd_loss(logits, self.labels[i], targets, a.temperature, a.alpha,
+                             self.labelled[i]), seen
 
     def reduce_mean(self, value, n):
         """Mean over ranks of a per-rank mean of n examples: a tensor of any shape, or a list of
@@ -306,134 +681,141 @@ class Loop:
         out = [m.view_as(v).clone() for m, v in zip(means, parts)]  # each with its own storage
         return out if isinstance(value, list) else out[0]
 
-    def train(self, phase, student, opt, sched, epochs, train_idx, soft, sampler=None, reward=None):
-        """Train student for `epochs` over train_idx. Every step: teacher k ~ Categorical(p) (k = 0
-        without a sampler), the KD loss on soft[k] (soft [K, N, C]; None: the labels alone), an
-        AdamW step; with a reward (phases 1-2), the sampler learns from it."""
-        parts = dict(student=student, opt=opt, sched=sched, sampler=sampler, reward=reward)
-        start = self.restore(phase, parts)
-        if start is None:
-            return  # the phase had finished before the run was killed
-        first, skip, step = start
-        self.ema = None  # the loss shown and checked for NaN: a moving average over the phase
-        student.train()  # dropout on: from_pretrained hands over a model in eval mode
-        for epoch in range(first, epochs + 1):
-            t = self.clock()
-            order_state = self.order.get_state()  # to draw the epoch's batches again on resume
-            order = glue_data.batches(self.lengths[train_idx], self.args.batch_size, self.order)
-            desc = f"{self.shown[phase]} epoch {epoch}/{epochs}"
-            bar = tqdm(order[skip:], desc, len(order), initial=skip, mininterval=1)
-            for i, b in enumerate(bar, skip):
-                if len(b) < self.world:
-                    continue  # a last batch too small to give every rank an example
-                idx = train_idx[b].tolist()[self.rank::self.world]  # this rank's share of the batch
-                k = sampler.sample() if sampler else 0
-                if reward:
-                    reward.before(student, idx, step, opt.param_groups[0]["lr"], sampler.active)
-                soft_k = soft[k] if soft is not None else None
-                loss, seen = self.loss(self.net, idx, soft_k, reward.layer if reward else None)
-                save = (step + 1) % self.args.save_every == 0
-                where = f"{self.shown[phase]} epoch {epoch} step {step + 1}"
-                self.step(loss, parts, bar, where, read=save or i == len(order) - 1)
-                if reward:
-                    sampler.update(k, reward.after(student, step, seen))  # only theta_k moves
-                step += 1
-                if save:
-                    self.checkpoint(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
-                                    order=order_state)
-            skip = 0
-            self.count_time(phase, step, self.clock() - t)
-            self.evaluate(phase, epoch, student)
-            self.checkpoint(parts, phase=phase, epoch=epoch + 1, batch=0, step=step,
-                            order=self.order.get_state())
-
     def count_time(self, phase, steps, seconds):
-        """The training steps' own time (no evaluation), for bench.py --speed."""
+        """The training steps' own time (no evaluation), for metrics.json."""
         self.timings[phase + "_steps"] = steps
         self.timings[phase + "_steps_s"] = self.timings.get(phase + "_steps_s", 0) + seconds
 
-    def step(self, loss, parts, bar, where, read):
-        """Backward, clip, AdamW and schedule steps. A NaN loss stops the run before the weights get
-        it: read on the host every step on CPU; on GPU every 50 steps and when `read`."""
-        ema = loss.detach() if self.ema is None else 0.98 * self.ema + 0.02 * loss.detach()
-        self.ema = ema  # (a NaN stays in it)
-        if self.device.type == "cpu" or bar.n % 50 == 0 or read:
-            value = float(self.reduce_mean(ema, 1))
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"{where}: the loss is {value}; the usual cause is a learning rate too high "
-                    f"for this model (--lr {self.args.lr}), or bf16 overflow on GPU")
-            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parts["student"].parameters(), 1.0)
-        parts["opt"].step()
-        parts["sched"].step()
-        parts["opt"].zero_grad(set_to_none=True)
+# ------------------------------------------------------------------------- a student in training
+@dataclass
+class Student:
+    """A student in training: the model, what a step calls (the model, or its DDP wrapper under
+    torchrun), its AdamW and its learning-rate schedule."""
+    model: torch.nn.Module
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
 
-    def evaluate(self, phase, epoch, student):
-        """Dev metrics, for reporting only: {split: {metric: value}}."""
-        a = self.args
-        student.eval()
-        dev = {}
-        for split in glue_data.get_task(a.task).dev:
-            examples = self.data[split]
-            logits = team_lib.predict(student, self.tokenizer, examples, a.max_seq_len, self.device)
-            dev[split] = glue_data.compute_metrics(a.task, logits, examples.labels)
-        student.train()
-        self.history.append({"phase": phase, "epoch": epoch, "dev": dev})
-        print(f"{self.shown[phase]} epoch {epoch}: {glue_data.show(dev)}")
+def new_student(run, base, epochs, n_train):
+    """A fresh student of base's bottom --student_layers layers, to train epochs over n_train
+    examples."""
+    a = run.args
+    torch.manual_seed(a.seed)  # the new head and dropout repeat with the seed
+    labels = glue_data.get_task(a.task).labels
+    fresh = model.build_student(base, labels, a.student_layers, a.task)[0].to(run.device)
+    if run.rank:
+        torch.manual_seed(a.seed + 1000 * run.rank)  # each rank its own dropout masks
+    net = DDP(fresh, forward_sync_buffers=False) if run.world > 1 else fresh
+    steps = count_steps(epochs, n_train, a.batch_size)
+    warmup = max(1, steps // 10)
+    opt = torch.optim.AdamW(fresh.parameters(), lr=a.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_then_decay(step, warmup, steps))
+    return Student(fresh, net, opt, sched)
 
-    # ------------------------------------------------------------------ resume: all of it
-    def checkpoint(self, parts, **where):
-        """All --resume needs to go on from the next batch as if never killed (rank 0 writes)."""
-        rng = [torch.get_rng_state()] * self.world  # each rank's own (its dropout masks differ)
-        if self.world > 1:
-            dist.all_gather_object(rng, torch.get_rng_state())
-        if self.rank > 0:
-            return
-        states = {name: part.state_dict() for name, part in parts.items() if part is not None}
-        run = {"rng": rng, "world": self.world, "history": self.history, "args": vars(self.args)}
-        state = where | states | run
-        glue_data.write_atomic(self.resume_path, lambda f: torch.save(state, f), binary=True)
+def count_steps(epochs, n, batch_size):
+    return epochs * math.ceil(n / batch_size)
 
-    def load_checkpoint(self):
-        """The checkpoint --resume goes on from (None: none), refused if of other flags."""
-        path = self.resume_path
-        if not os.path.isfile(path):
-            print(f"note: nothing to resume in {self.args.out_dir}; starting afresh")
-            return None
-        try:
-            r = torch.load(path, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without "
-                             f"--resume to start afresh, or delete it") from None
-        other = differing_flags(r["args"], vars(self.args))
-        if other:
-            raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
-                             f"rerun with the same flags, or without --resume")
-        if r["world"] != self.world:
-            raise ValueError(f"{path} was written by {r['world']} processes: resume with as many")
-        return r
+def warmup_then_decay(step, warmup, total):
+    """The lr's factor: linear warm-up (non-zero from step 0), then linear decay to 0 at total."""
+    return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
-    def restore(self, phase, parts):
-        """(epoch, batch, step) where `phase` starts; None if it finished before the run was killed.
-        The checkpoint's states go back into parts (the sampler's also for finished phases)."""
-        r = self.resume
+def check_loss(run, ema, bar, where):
+    """Stop the run at a NaN loss before the weights get it (ema: the loss's moving average, a NaN
+    stays in it), and show the loss."""
+    value = float(run.reduce_mean(ema, 1))
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{where}: the loss is {value}; the usual cause is a learning rate too high "
+            f"for this model (--lr {run.args.lr}), or bf16 overflow on GPU")
+    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+
+def evaluate(run, phase, epoch, student):
+    """Dev metrics, for reporting only, into run.history: {split: {metric: value}}."""
+    a = run.args
+    student.eval()
+    dev = {}
+    for split in glue_data.get_task(a.task).dev:
+        examples = run.data[split]
+        logits = teachers.predict(student, run.tokenizer, examples, a.max_seq_len, run.device)
+        dev[split] = glue_data.compute_metrics(a.task, logits, examples.labels)
+    student.train()
+    run.history.append({"phase": phase, "epoch": epoch, "dev": dev})
+    print(f"{run.shown[phase]} epoch {epoch}: {glue_data.show(dev)}")
+
+# ------------------------------------------------------------------------------------ resume
+class Resume:
+    """Exact resume: the checkpoint --resume goes on from, and those the run writes as it goes
+    (rank 0), each holding all a run needs to go on from its next batch as if never killed."""
+
+    def __init__(self, run):
+        self.run = run
+        self.path = os.path.join(run.args.out_dir, "resume.pt")
+        glue_data.check_writable(run.args.out_dir, run.rank)
+        self.checkpoint = load_checkpoint(self.path, run) if run.args.resume else None
+        if self.checkpoint:
+            run.history = self.checkpoint["history"]
+
+    def start(self, phase, parts):
+        """(epoch, batch, step) where `phase` starts; None if it had finished before the run was
+        killed. The checkpoint's states go back into parts (the sampler's for finished phases
+        too)."""
+        r = self.checkpoint
         if r is None or PHASES.index(r["phase"]) < PHASES.index(phase):
             return 1, 0, 0
-        if parts["sampler"]:
-            parts["sampler"].load_state_dict(r["sampler"])
+        parts["sampler"].load_state_dict(r["sampler"])
         if r["phase"] != phase:
             return None
         for name, part in parts.items():
             if part is not None:
                 part.load_state_dict(r[name])
-        self.order.set_state(r["order"])
-        torch.set_rng_state(r["rng"][self.rank])
-        self.resume = None
+        self.run.order.set_state(r["order"])
+        torch.set_rng_state(r["rng"][self.run.rank])
+        self.checkpoint = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
 
+    def save(self, parts, **where):
+        """A checkpoint at `where` (phase, epoch, batch, step and the batch order's state)."""
+        run = self.run
+        rng = [torch.get_rng_state()] * run.world  # each rank's own (its dropout masks differ)
+        if run.world > 1:
+            dist.all_gather_object(rng, torch.get_rng_state())
+        if run.rank > 0:
+            return
+        states = {name: part.state_dict() for name, part in parts.items() if part is not None}
+        run_state = {"rng": rng, "world": run.world, "history": run.history,
+                     "args": vars(run.args), "format": CHECKPOINT_FORMAT}
+        state = where | states | run_state
+        glue_data.write_atomic(self.path, lambda f: torch.save(state, f), binary=True)
+
+    def finish(self):
+        """The run is complete: nothing is left to resume."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+def load_checkpoint(path, run):
+    """The checkpoint --resume goes on from (None: none), refused if of other flags."""
+    if not os.path.isfile(path):
+        print(f"note: nothing to resume in {run.args.out_dir}; starting afresh")
+        return None
+    try:
+        r = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]}): rerun without "
+                         f"--resume to start afresh, or delete it") from None
+    other = differing_flags(r["args"], vars(run.args))
+    if other:
+        raise ValueError(f"{path} was written with other flags (--{', --'.join(other)}): "
+                         f"rerun with the same flags, or without --resume")
+    if r["world"] != run.world:
+        raise ValueError(f"{path} was written by {r['world']} processes: resume with as many")
+    if r.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an older version of distill.py: rerun without "
+                         f"--resume to start afresh")
+    return r
+
+CHECKPOINT_FORMAT = 2  # what resume.pt holds, and how: a checkpoint of another is refused
 FREE_FLAGS = ("resume", "save_every")  # flags that change nothing of what a run computes
 
 def differing_flags(these, those, free=FREE_FLAGS):
@@ -441,301 +823,6 @@ def differing_flags(these, those, free=FREE_FLAGS):
     flag one of them lacks (a newer flag) differs."""
     flags = list(these) + [k for k in those if k not in these]
     return [k for k in flags if k not in free and these.get(k) != those.get(k)]
-
-# ------------------------------------------------------------------------------- the reward
-# The reward as plain functions of a model and tensors: copy them into any training loop.
-# --reward lookahead (default): EVERY teacher j is scored on the step's batch by how much a step of
-# size lr on its soft targets would lower the held-out expected error E, to first order. Teacher
-# j's step is -lr * g_j, so with z [B, C] the batch's logits:
-#
-#     r_j = lr * <h, g_j> = lr * <J h, dL_j/dz>,   h = dE/dtheta, g_j = J^T dL_j/dz, J = dz/dtheta
-#
-# Teachers differ only in dL_j/dz (teacher_pulls), so ONE product J h scores the whole team on the
-# same batch and held-out examples, and the sampler's baseline sum_j p_j r_j cancels what the batch
-# adds to all of them. A known bias: r_j - r_k is linear in the soft targets q_k - q_j, so of two
-# teachers right as often the less sure one scores less (results/README.md).
-#
-# --reward_reach output (default): theta is the output layer alone, z = W u + b (u [B, d]: the
-# features it reads). Then J h needs no pass through the body, as in GLISTER-ONLINE's one-step
-# lookahead from last-layer gradients (Killamsetty et al., AAAI 2021); u': the held-out features:
-#
-#     (J h)_i = h_W u_i + h_b,   h_W = sum_m dE/dz'_m u'_m^T,   h_b = sum_m dE/dz'_m
-#
-# u and z come from the training step's own forward (dropout on, so u carries its mask; h is
-# measured with dropout off): the reward costs no pass of its own.
-# --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
-# fine-tuning step's work). --reward step: the drawn teacher alone, the held-out loss before its
-# step minus after it.
-def output_layer(model):
-    """The layer whose output is the logits: the last nn.Linear with one output per label (BERT's
-    and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
-    features_and_logits checks that its output is the logits."""
-    n = getattr(model, "module", model).config.num_labels  # (DDP: the model is its .module)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear layer with {n} outputs: use "
-                         f"--reward_reach student")
-    return linears[-1]
-
-def features_and_logits(model, batch, layer=None):
-    """(u [B, d], z [B, C]): what the output layer (default: output_layer(model)) reads, and the
-    logits of model(**batch)."""
-    layer = layer or output_layer(model)
-    seen = []
-    hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
-    try:
-        z = model(**batch).logits
-    finally:
-        hook.remove()
-    u, out = seen[-1]
-    if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
-        raise ValueError(f"the logits of {type(model).__name__} are not its output layer's output "
-                         f"(a head that pools after it): use --reward_reach student")
-    return u, z
-
-def at_least_float32(x):
-    """x in float32 when it is in a narrower float (bf16 autocast), else as it is (float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
-    """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
-    targets soft [K, B, C]; labels [B]; labelled [B] bool (None: all labelled)."""
-    z = at_least_float32(z.detach()).requires_grad_()
-    pulls = []
-    with torch.enable_grad():
-        for soft_j in soft:
-            loss = kd.kd_loss(z, labels, soft_j, temperature, alpha, labelled)
-            pulls.append(torch.autograd.grad(loss, z)[0])
-    return torch.stack(pulls)
-
-@torch.no_grad()
-def heldout_output_grad(model, batch, labels):
-    """h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected error
-    E on held-out examples over the layer's weight and bias, from one forward without gradients,
-    dropout off. batch: {input name: [H, L]}; labels [H] (both moved to the layer's device)."""
-    layer = output_layer(model)
-    device = layer.weight.device
-    batch = {name: x.to(device) for name, x in batch.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        u, z = features_and_logits(model, batch, layer)  # [H, d], [H, C]
-    finally:
-        model.train(was_training)
-    with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
-        dE_dz = kd.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
-        h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
-    h_b = dE_dz.sum(0) if layer.bias is not None else torch.zeros_like(dE_dz[0])  # [C]
-    return [h_W, h_b]
-
-def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled=None):
-    """Every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]: u [B, d] and z
-    [B, C] from features_and_logits; h from heldout_output_grad; the rest as lookahead_rewards."""
-    h_W, h_b = h
-    with torch.autocast(z.device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
-        u = u.detach().to(torch.promote_types(u.dtype, h_W.dtype))
-        jh = u @ h_W.T + h_b  # [B, C]
-        pulls = teacher_pulls(z, labels, soft, temperature, alpha, labelled)  # [K, B, C]
-    return lr * (pulls * jh).sum((1, 2))
-
-def heldout_grad(model, batch, labels):
-    """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),
-    dropout off, over the trainable weights: a list of tensors in model.parameters() order, each
-    with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use).
-    batch: {input name: [H, L]}; labels [H]."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    logits = at_least_float32(model(**batch).logits)  # [H, C]
-    dE_dz = kd.expected_error_grad(logits.detach(), labels)  # [H, C]
-    h = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
-    model.train(was_training)
-    return list(h)
-
-def lookahead_rewards(model, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
-    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch through every trainable weight, [K].
-    batch: {input name: [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets
-    (model.soft_targets); h from heldout_grad; labelled [B] bool, False for transfer examples
-    (None: all labelled)."""
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as in h
-    names = [n for n, _ in trained]
-    weights = tuple(p.detach() for _, p in trained)
-
-    def logits(*w):
-        z = torch.func.functional_call(model, dict(zip(names, w)), kwargs=batch).logits
-        return at_least_float32(z)
-
-    was_training = model.training
-    model.eval()
-    # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
-    # attention kernels have no forward-mode derivative; the plain one computes the same.
-    with torch.autocast(weights[0].device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-        z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
-    model.train(was_training)
-    return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
-
-@torch.no_grad()
-def heldout_loss(model, batch, labels):
-    """The hard-label loss on held-out examples, dropout off (--reward step: before - after)."""
-    was_training = model.training
-    model.eval()
-    logits = model(**batch).logits.float()  # [H, C]
-    model.train(was_training)
-    return kd.kd_loss(logits, labels)
-
-class Reward:
-    """The loop's reward of a phase-1/2 step on held-out TRAINING examples (never dev): each step's
-    held-out batch (a new one every --probe_every steps), the mean over ranks; the values above."""
-
-    def __init__(self, loop, heldout, soft):
-        self.loop = loop
-        self.heldout = heldout  # [H] indices of held-out training examples
-        self.soft = soft  # [K, N, C]
-        self.is_lookahead = loop.args.reward == "lookahead"
-        self.reach = loop.args.reward_reach if self.is_lookahead else None
-        size = min(len(heldout), loop.args.probe_size or loop.args.batch_size)
-        probes = glue_data.batches(loop.lengths[heldout], size)
-        self.probes = [b for b in probes if len(b) >= loop.world]  # every rank takes a share
-        if not self.probes:
-            raise ValueError(f"held-out batches of {size} cannot be shared by {loop.world} "
-                             f"processes: raise --probe_size or --heldout")
-        self.state = None  # h (lookahead) or the held-out loss (step): what the next reward needs
-        self.layer = None  # reach output: the layer whose features the step's forward hands over
-        self.scored = None  # lookahead: (the batch, its rows scored, their share, the step's lr)
-        self.values = None  # reach student: the step's r_j, [K] floats
-
-    def probe(self, step):
-        """The held-out examples of this step (a batch kept for --probe_every steps)."""
-        n = step // self.loop.args.probe_every
-        return self.heldout[self.probes[n % len(self.probes)]].tolist()
-
-    def before(self, student, idx, step, lr, active=None):
-        """Before the step on the batch idx: h or the held-out loss, measured anew every
-        --probe_every steps. lookahead: the rows scored, the --lookahead_share of the batch where
-        the teachers in play (active: K bools) differ most; reach student: their r_j, now."""
-        L = self.loop
-        a = L.args
-        if step % a.probe_every == 0 or self.state is None:
-            self.state = self.measure(student, self.probe(step)[L.rank::L.world])
-        if not self.is_lookahead:
-            return
-        rows = list(range(len(idx)))
-        m = math.ceil(a.lookahead_share * len(idx))
-        if m < len(idx):
-            in_play = self.soft[:, idx][torch.tensor(active or [True] * len(self.soft))]
-            rows = kd.where_teachers_differ(in_play, m).tolist()
-        share = len(rows) / len(idx)  # as a mean over the batch: the rest adds next to nothing
-        self.scored = (idx, rows, share, lr)
-        if self.reach == "output":  # after(): from the step's own features at the output layer
-            if self.layer is None:
-                self.layer = output_layer(student)
-            return
-        batch, i = L.batch([idx[j] for j in rows])
-        values = lookahead_rewards(student, batch, L.labels[i], self.soft[:, i], self.state, lr,
-                                   a.temperature, a.alpha, L.labelled[i])
-        self.values = L.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
-
-    def measure(self, student, mine):
-        """h (lookahead) or the held-out loss (step): this rank's examples mine, mean over ranks."""
-        L = self.loop
-        batch, i = L.batch(mine)
-        with torch.autocast(L.device.type, torch.bfloat16, enabled=L.device.type == "cuda"):
-            if not self.is_lookahead:
-                return float(L.reduce_mean(heldout_loss(student, batch, L.labels[i]), len(mine)))
-            measure = heldout_output_grad if self.reach == "output" else heldout_grad
-            return L.reduce_mean(measure(student, batch, L.labels[i]), len(mine))
-
-    def after(self, student, step, seen=None):
-        """The step's reward: every teacher's value (lookahead), or the drawn teacher's (step).
-        seen: (u [B, d], z [B, C]) of the step's own forward (reach output)."""
-        L = self.loop
-        if self.reach == "output":
-            idx, rows, share, lr = self.scored
-            i = torch.tensor([idx[j] for j in rows], device=L.device)
-            u, z = (x.detach()[torch.tensor(rows, device=x.device)] for x in seen)  # float32 below
-            values = output_layer_rewards(u, z, L.labels[i], self.soft[:, i], self.state, lr,
-                                          L.args.temperature, L.args.alpha, L.labelled[i])
-            return L.reduce_mean(values * share, 1).tolist()  # [K]
-        if self.is_lookahead:
-            return self.values
-        loss = self.measure(student, self.probe(step)[L.rank::L.world])
-        reward = self.state - loss
-        self.state = loss
-        return reward
-
-    def state_dict(self):
-        return {"state": self.state}
-
-    def load_state_dict(self, d):
-        self.state = d["state"]
-
-# ------------------------------------------------------------------------------- inputs and outputs
-def choose_team(args, data):
-    """(teacher checkpoints, the student's checkpoint: --student, the recipe's, or the one the
-    teachers record). With no --teachers, a --team recipe may be fine-tuned first (fine_tune)."""
-    if args.strategy == "none":
-        if not args.student:
-            raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
-                             "(hub name or folder)")
-        return [], args.student
-    fine_tune_one = functools.partial(fine_tune, args, data)
-    n = len(data["train"])
-    names, recipe = team_lib.choose_team(args.teachers, args.task, args.team, fine_tune_one, n)
-    if args.strategy == "single" and len(names) != 1:
-        raise ValueError(f"--strategy single distils from one teacher; {len(names)} given: "
-                         f"name one with --teachers DIR")
-    if args.student:
-        return names, args.student
-    if recipe:
-        args.student_layers = args.student_layers or recipe.student_layers
-        print(f"student: {recipe.student} (the {args.team or 'small'} team's)")
-        return names, recipe.student
-    base = team_lib.recorded_base(names)
-    print(f"student: {base} (the base model the teachers were fine-tuned from)")
-    return names, base
-
-def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
-    """One teacher of a recipe: plain fine-tuning (--strategy none) of checkpoint into out, on the
-    data of the run args, resumed if killed."""
-    argv = ["--task", args.task, "--data_dir", args.data_dir, "--strategy", "none",
-            "--student", checkpoint, "--epochs", str(epochs), "--lr", str(lr),
-            "--batch_size", str(batch_size), "--max_seq_len", str(args.max_seq_len),
-            "--seed", str(args.seed), "--out_dir", out]
-    resume = os.path.isfile(os.path.join(out, "resume.pt"))
-    print(f"fine-tuning teacher {teacher} ({checkpoint})" + (", resumed" if resume else ""))
-    teacher_args = parse_args(argv + ["--resume"] * resume)
-    distil(teacher_args, data, [], checkpoint, None, {}, time.time(), f"fine-tune {teacher}")
-
-def save(loop, student, team, sampler, test, figures):
-    """The student with its model card, metrics.json, distribution.json and the test predictions,
-    each written whole or not at all; with a team, the table of the student beside it."""
-    a = loop.args
-    out = a.out_dir
-    kd.save_student(student, loop.tokenizer, out)
-    dev = loop.history[-1]["dev"]
-    names = [t.name for t in team]
-    final = sampler.probs().tolist() if sampler else [1 / len(team) for _ in team]
-    metrics = {"task": a.task, "strategy": a.strategy, "seed": a.seed, "dev": dev,
-               "score": glue_data.score(dev), "history": loop.history, "timings": loop.timings,
-               "teachers": {t.name: t.dev_metrics for t in team}, "args": vars(a)}
-    kept = sampler.active if a.strategy == "auto" else None  # selection's verdicts
-    table = team_lib.closing_table(team, figures, metrics["score"], kept, final) if team else {}
-    metrics["beside_the_team"] = table
-    glue_data.write_json(os.path.join(out, "metrics.json"), metrics)
-    if team:
-        learned = sampler.record() if a.strategy == "auto" else {}
-        distribution = {"teachers": names, "final": final} | learned
-        glue_data.write_json(os.path.join(out, "distribution.json"), distribution)
-        shown = [f"{name} {p:.3f}" for name, p in zip(names, final)]
-        print("final distribution: " + ", ".join(shown))
-    card = kd.model_card(a, student, dev, names, final, table.get("lines", []))
-    glue_data.write_atomic(os.path.join(out, "README.md"), lambda f: f.write(card))
-    for split, labels in test.items():
-        glue_data.write_predictions(a.task, split, labels, out)
-    if os.path.exists(loop.resume_path):
-        os.remove(loop.resume_path)  # the run is complete
-    done = f"done in {loop.timings['total_s']:.0f}s: dev score {metrics['score']:.4f}; wrote {out}"
-    print("\n".join([done] + table.get("lines", [])))  # then the student beside its teachers
 
 if __name__ == "__main__":
     arguments = parse_args()

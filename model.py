@@ -57,10 +57,10 @@ def layers_to_keep(name_or_dir, num_layers=None):
         raise ValueError(f"--student_layers {num_layers}: {name_or_dir} has {have} layers "
                          f"(choose 1 to {have})")
     if os.path.isdir(name_or_dir):
-        check_weights(name_or_dir)
+        check_weight_files(name_or_dir)
     return num_layers or have
 
-def check_weights(folder):
+def check_weight_files(folder):
     """Stop with one sentence when a checkpoint folder's weights file is damaged (an interrupted
     copy, a full disk): the safetensors header must cover the file, a .bin zip must have its
     directory."""

@@ -41,7 +41,7 @@ def check_keep(keep, n):
     if not 1 <= keep <= n:
         raise ValueError(f"--keep {keep}: the team has {n} teachers (choose 1 to {n})")
 
-def check_weights(weights, names, strategy="skd"):
+def check_skd_weights(weights, names, strategy="skd"):
     """--weights, SKDBERT's fixed p (None: none given): one non-negative weight per teacher, not all
     zero, and only with --strategy skd."""
     if weights is None:
@@ -85,7 +85,8 @@ class TeacherSampler:
 
     def probs(self):
         """p = softmax(theta) over the active teachers, 0 for discarded ones: [K]."""
-        return torch.softmax(self.theta.masked_fill(~torch.tensor(self.active), -math.inf), 0)
+        inactive = ~torch.tensor(self.active, dtype=torch.bool)  # [K]
+        return torch.softmax(self.theta.masked_fill(inactive, -math.inf), 0)
 
     def sample(self):
         """Index of the teacher for this step, drawn from p with the sampler's own generator."""

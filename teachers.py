@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import glue_data
-from model import check_weights
+from model import check_weight_files
 
 transformers.logging.disable_progress_bar()
 CACHE_VERSION = 1  # bump when what is cached changes
@@ -165,7 +165,7 @@ def check_teacher(name, folder, task_name):
     if config.num_labels != len(ours):
         raise TeamError(f"teacher {name} has {config.num_labels} outputs; "
                         f"{task_name} needs {len(ours)}")
-    check_weights(folder)
+    check_weight_files(folder)
     theirs = [str(config.id2label[i]).lower() for i in range(len(ours))]
     # Names like LABEL_0 or NEGATIVE say nothing of our order; the same names in another order do.
     if sorted(theirs) == sorted(ours) and theirs != ours:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import statistics
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 
 import distill
 import glue_data
-import model as kd
+import model
 import teachers
 import sampler
 from sampler import TeacherSampler
@@ -126,7 +125,7 @@ def glue_dir(tmp_path_factory):
     return root
 
 
-def run(argv, cwd):
+def distil_in(argv, cwd):
     """distill.py's main() in-process, run from cwd; returns metrics.json."""
     old = os.getcwd()
     os.chdir(cwd)
@@ -148,26 +147,82 @@ def cli(argv, cwd, env=None):
 
 # ------------------------------------------------------------------------------------ glue_data
 METHOD = ["glue_data.py", "sampler.py", "model.py", "teachers.py", "distill.py"]  # each on those before
+ONE_STORY = {("distill.py", "train")}  # the training loop reads as one block, as nanoGPT's does
 
 
 def test_each_module_imports_only_those_before_it_and_keeps_the_style():
-    """No import cycle: each method module imports only the ones before it in METHOD; nothing calls
-    distill.main but the command itself; lines within 100 characters, functions within 40 lines."""
+    """No import cycle: each method module imports only the ones before it in METHOD, under its own
+    name; nothing calls distill.main but the command itself; lines within 100 characters, functions
+    within 40 lines (but the training loop)."""
     import ast
     for k, name in enumerate(METHOD):
         source = open(os.path.join(HERE, name), encoding="utf-8").read()
         tree = ast.parse(source)
-        imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imports = [a for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+        imported = {a.name for a in imports} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         ours = {m + ".py" for m in imported} & set(METHOD)
         assert ours <= set(METHOD[:k]), (name, ours)
+        renamed = [a.name for a in imports if a.asname and a.name + ".py" in METHOD]
+        assert not renamed, (name, renamed)
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"]
         assert name != "distill.py" or len(calls) == 1, [c.lineno for c in calls]  # the __main__ block's
         long_lines = [n for n, line in enumerate(source.splitlines(), 1) if len(line) > 100]
         assert not long_lines, (name, long_lines)
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
-        long_functions = [f.name for f in functions if f.end_lineno - f.lineno + 1 > 40]
+        long_functions = [f.name for f in functions if f.end_lineno - f.lineno + 1 > 40
+                          and (name, f.name) not in ONE_STORY]
         assert not long_functions, (name, long_functions)
+
+
+def project_modules():
+    """Every Python file of the project: the method's modules, the bench's, the tests."""
+    bench = [os.path.join("bench", f) for f in sorted(os.listdir(os.path.join(HERE, "bench")))
+             if f.endswith(".py")] if os.path.isdir(os.path.join(HERE, "bench")) else []
+    return METHOD + bench + ["test_all.py"]
+
+
+def test_one_name_per_concept():
+    """No function or class name is defined at the top of two modules, and no module of the project is
+    imported under another name."""
+    import ast
+    where = {}
+    for name in project_modules():
+        tree = ast.parse(open(os.path.join(HERE, name), encoding="utf-8").read())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "__init__":
+                where.setdefault(node.name, []).append(name)
+        ours = {os.path.splitext(os.path.basename(m))[0] for m in project_modules()} | {"bench"}
+        renamed = [a.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                   for a in node.names if a.asname and a.name.split(".")[-1] in ours]
+        assert not renamed, (name, renamed)
+    twice = {f: m for f, m in where.items() if len(m) > 1}
+    assert not twice, twice
+
+
+LOSSES = ("soft_targets", "kd_loss", "expected_error_grad")  # model.py's part of the method
+
+
+def test_the_method_reads_top_down_to_the_banner_and_the_readme_counts_it():
+    """distill.py: the method first and whole, at most 350 lines above the banner, none of it below
+    (teaching, AutoSKD, the loop, the rewards); the README's line counts are this tree's."""
+    import ast
+    import re
+    source = open(os.path.join(HERE, "distill.py"), encoding="utf-8").read()
+    above, below = source.split("\n# " + "=" * 98 + "\n# The command: arguments")
+    for piece in ("class Teaching", "def teach(", "def autoskd(", "def train(", "def lookahead_rewards(",
+                  "def output_layer_rewards(", "class LookaheadReward", "class StepReward"):
+        assert piece in above and piece not in below, piece
+    n_distill = len(above.splitlines())
+    n_sampler = len(open(os.path.join(HERE, "sampler.py"), encoding="utf-8").read().splitlines())
+    tree = ast.parse(open(os.path.join(HERE, "model.py"), encoding="utf-8").read())
+    n_losses = sum(f.end_lineno - f.lineno + 1 for f in tree.body if getattr(f, "name", None) in LOSSES)
+    assert n_distill <= 350
+    readme = " ".join(open(os.path.join(HERE, "README.md"), encoding="utf-8").read().split())
+    said = re.search(r"reads (\d+) lines: `distill.py` from the top to its banner \((\d+)\), `sampler.py` "
+                     r"\((\d+)\) and the losses in `model.py` \(.*?: (\d+)\)", readme)
+    assert said, "the README no longer says how many lines the method takes"
+    counts = [n_distill + n_sampler + n_losses, n_distill, n_sampler, n_losses]
+    assert [int(x) for x in said.groups()] == counts, counts
 
 
 @pytest.mark.parametrize("task", list(glue_data.TASKS))
@@ -495,19 +550,19 @@ def test_kd_loss_soft_part_and_temperature():
     torch.manual_seed(0)
     s, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
     for T in (1.0, 4.0):
-        assert float(kd.kd_loss(s, labels, kd.soft_targets(s, T), T, alpha=1.0)) == pytest.approx(0, abs=1e-6)
+        assert float(model.kd_loss(s, labels, model.soft_targets(s, T), T, alpha=1.0)) == pytest.approx(0, abs=1e-6)
     t = torch.randn(4, 3)
     for T in (1.0, 3.0):  # alpha=1: T^2 * mean over the batch of sum p_t (log p_t - log p_s)
         pt, ps = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
         want = T * T * float((pt * (pt.log() - ps.log())).sum(-1).mean())
-        assert float(kd.kd_loss(s, labels, kd.soft_targets(t, T), T, alpha=1.0)) == pytest.approx(want, rel=1e-5)
+        assert float(model.kd_loss(s, labels, model.soft_targets(t, T), T, alpha=1.0)) == pytest.approx(want, rel=1e-5)
     ce = float(torch.nn.functional.cross_entropy(s, labels))
-    assert float(kd.kd_loss(s, labels, None)) == pytest.approx(ce)
-    mixed = kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, alpha=0.3)
-    soft = float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, alpha=1.0))
+    assert float(model.kd_loss(s, labels, None)) == pytest.approx(ce)
+    mixed = model.kd_loss(s, labels, model.soft_targets(t, 2.0), 2.0, alpha=0.3)
+    soft = float(model.kd_loss(s, labels, model.soft_targets(t, 2.0), 2.0, alpha=1.0))
     assert float(mixed) == pytest.approx(0.7 * ce + 0.3 * soft, rel=1e-5)
     r, y, tr = torch.tensor([[1.0], [2.0]]), torch.tensor([1.5, 2.5]), torch.tensor([[1.0], [3.0]])
-    assert float(kd.kd_loss(r, y, tr, 2.0, alpha=0.5)) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)
+    assert float(model.kd_loss(r, y, tr, 2.0, alpha=0.5)) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)
 
 
 def test_kd_loss_on_a_transfer_example_is_the_soft_part_alone():
@@ -520,14 +575,14 @@ def test_kd_loss_on_a_transfer_example_is_the_soft_part_alone():
     soft = 4 * (pt * (pt.log() - ps.log())).sum(-1)  # [B]: T^2 KL, T = 2
     hard = torch.nn.functional.cross_entropy(s, labels, reduction="none")  # [B]
     want = float(torch.where(labelled, 0.7 * hard + 0.3 * soft, soft).mean())
-    got = kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3, labelled)
+    got = model.kd_loss(s, labels, model.soft_targets(t, 2.0), 2.0, 0.3, labelled)
     assert float(got) == pytest.approx(want, rel=1e-5)  # float32 both ways, summed in other orders
     every = torch.ones(4, dtype=torch.bool)
-    assert float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3, every)) == pytest.approx(
-        float(kd.kd_loss(s, labels, kd.soft_targets(t, 2.0), 2.0, 0.3)), rel=1e-6)
+    assert float(model.kd_loss(s, labels, model.soft_targets(t, 2.0), 2.0, 0.3, every)) == pytest.approx(
+        float(model.kd_loss(s, labels, model.soft_targets(t, 2.0), 2.0, 0.3)), rel=1e-6)
     r, y, tr = torch.tensor([[1.0], [2.0]]), torch.tensor([1.5, 2.5]), torch.tensor([[1.0], [3.0]])
     want = (0.5 * 0.25 + 0.5 * 0.0 + 1.0) / 2  # the second example: (2 - 3)^2 alone
-    assert float(kd.kd_loss(r, y, tr, 2.0, 0.5, torch.tensor([True, False]))) == pytest.approx(want)
+    assert float(model.kd_loss(r, y, tr, 2.0, 0.5, torch.tensor([True, False]))) == pytest.approx(want)
 
 
 def test_expected_error_grad_against_autograd_in_float64():
@@ -537,14 +592,14 @@ def test_expected_error_grad_against_autograd_in_float64():
     torch.manual_seed(0)
     z, y = torch.randn(6, 3, dtype=torch.float64, requires_grad=True), torch.tensor([0, 1, 2, 2, 1, 0])
     error = 1 - torch.softmax(z, -1)[range(6), y].mean()
-    assert torch.allclose(kd.expected_error_grad(z.detach(), y), torch.autograd.grad(error, z)[0], rtol=1e-12)
+    assert torch.allclose(model.expected_error_grad(z.detach(), y), torch.autograd.grad(error, z)[0], rtol=1e-12)
     r, score = torch.randn(5, 1, dtype=torch.float64, requires_grad=True), torch.rand(5, dtype=torch.float64)
     want = torch.autograd.grad(((r[:, 0] - score) ** 2).mean(), r)[0]
-    assert torch.allclose(kd.expected_error_grad(r.detach(), score), want, rtol=1e-12)
+    assert torch.allclose(model.expected_error_grad(r.detach(), score), want, rtol=1e-12)
     confident = torch.tensor([[12.0, -2.0], [-3.0, 11.0]], dtype=torch.float64)  # right, then wrong
     y = torch.tensor([0, 0])
-    exact = kd.expected_error_grad(confident, y)
-    in_float32 = kd.expected_error_grad(confident.float(), y).double()
+    exact = model.expected_error_grad(confident, y)
+    in_float32 = model.expected_error_grad(confident.float(), y).double()
     assert torch.allclose(in_float32, exact, rtol=1e-6, atol=0)  # float32's 24 bits, within a few roundings
     z32 = confident.float().requires_grad_()
     naive = torch.autograd.grad(1 - torch.softmax(z32, -1)[range(2), y].mean(), z32)[0].double()
@@ -552,7 +607,7 @@ def test_expected_error_grad_against_autograd_in_float64():
 
 
 def test_student_keeps_the_bottom_layers(tiny_bert):
-    student, tok = kd.build_student(tiny_bert, ["a", "b", "c"], num_layers=2, task="MNLI")
+    student, tok = model.build_student(tiny_bert, ["a", "b", "c"], num_layers=2, task="MNLI")
     ref = BertModel.from_pretrained(tiny_bert)  # transformers' own load of the full checkpoint
     assert len(student.bert.encoder.layer) == 2 and student.config.num_hidden_layers == 2
     for i in range(2):
@@ -561,7 +616,7 @@ def test_student_keeps_the_bottom_layers(tiny_bert):
             assert torch.equal(p, q), n
     assert student.config.id2label == {0: "a", 1: "b", 2: "c"} and student.config.glue_task == "MNLI"
     with pytest.raises(ValueError, match="--student_layers 4: .* has 3 layers"):
-        kd.build_student(tiny_bert, ["a", "b"], num_layers=4)
+        model.build_student(tiny_bert, ["a", "b"], num_layers=4)
 
 
 # ------------------------------------------------------------------------------------ teachers
@@ -569,7 +624,7 @@ def test_student_keeps_the_bottom_layers(tiny_bert):
 def tiny_teacher(tiny_bert, tmp_path_factory):
     """A 2-layer teacher for RTE (random, not trained: its outputs are what matters here)."""
     folder = str(tmp_path_factory.mktemp("teacher"))
-    m, tok = kd.build_student(tiny_bert, glue_data.TASKS["RTE"].labels, 2, "RTE")
+    m, tok = model.build_student(tiny_bert, glue_data.TASKS["RTE"].labels, 2, "RTE")
     m.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -671,7 +726,7 @@ def test_teachers_in_the_hubs_label_order_and_rolled_ones(tiny_bert, tmp_path, c
         head = header if split == "train" else MNLI_DEV_HEADER
         os.makedirs(os.path.join(root, "glue_data", "MNLI"), exist_ok=True)
         open(os.path.join(root, "glue_data", "MNLI", split + ".tsv"), "w").write("\n".join([head] + rows) + "\n")
-    run(["--task", "MNLI", "--strategy", "none", "--student", tiny_bert, "--student_layers", "2", "--epochs", "20",
+    distil_in(["--task", "MNLI", "--strategy", "none", "--student", tiny_bert, "--student_layers", "2", "--epochs", "20",
          "--lr", "2e-3", "--batch_size", "8", "--out_dir", "hub"], root)
     config = json.load(open(os.path.join(root, "hub", "config.json")))
     config["id2label"] = {str(i): f"LABEL_{i}" for i in range(3)}
@@ -685,11 +740,11 @@ def test_teachers_in_the_hubs_label_order_and_rolled_ones(tiny_bert, tmp_path, c
     BertTokenizer.from_pretrained(os.path.join(root, "hub")).save_pretrained(os.path.join(root, "rolled"))
     capsys.readouterr()
     argv = ["--task", "MNLI", "--student", tiny_bert, "--student_layers", "1", "--epochs", "1", "--batch_size", "16"]
-    m = run(argv + ["--strategy", "single", "--teachers", "hub", "--out_dir", "runs/hub"], root)
+    m = distil_in(argv + ["--strategy", "single", "--teachers", "hub", "--out_dir", "runs/hub"], root)
     assert "warning" not in capsys.readouterr().out and m["teachers"]["hub"]["dev_matched"]["accuracy"] > 0.8
     for strategy in ["auto", "uniform", "skd", "single", "ensemble"]:
         team = ["rolled"] if strategy == "single" else ["hub", "rolled"]
-        run(argv + ["--strategy", strategy, "--teachers", *team, "--out_dir", f"runs/{strategy}"], root)
+        distil_in(argv + ["--strategy", strategy, "--teachers", *team, "--out_dir", f"runs/{strategy}"], root)
         warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
         assert len(warnings) == 1 and "teacher rolled fits the training labels far better with its outputs read " \
             "as ['contradiction', 'entailment', 'neutral'] (training accuracy" in warnings[0], (strategy, warnings)
@@ -697,7 +752,7 @@ def test_teachers_in_the_hubs_label_order_and_rolled_ones(tiny_bert, tmp_path, c
 
 def test_teachers_that_do_not_fit_are_refused(tiny_bert, tmp_path):
     def make(labels, task, name):
-        m, tok = kd.build_student(tiny_bert, labels, 1, task)
+        m, tok = model.build_student(tiny_bert, labels, 1, task)
         m.save_pretrained(str(tmp_path / name))
         return str(tmp_path / name)
 
@@ -724,7 +779,7 @@ def workdir(tiny_bert, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("work"))
     write_task(os.path.join(root, "glue_data"), "RTE", n_train=96, n_dev=32)
     for name, layers, seed in [("big", "3", "1"), ("small", "1", "2")]:
-        m = run(["--task", "RTE", "--strategy", "none", "--student", tiny_bert, "--student_layers", layers,
+        m = distil_in(["--task", "RTE", "--strategy", "none", "--student", tiny_bert, "--student_layers", layers,
                  "--epochs", "2", "--lr", "1e-3", "--seed", seed, "--out_dir", f"teachers/RTE/{name}"], root)
         assert m["strategy"] == "none" and 0 <= m["dev"]["dev"]["accuracy"] <= 1
     return root
@@ -736,7 +791,7 @@ FAST = ["--task", "RTE", "--student_layers", "1", "--epochs", "1", "--batch_size
 @pytest.mark.parametrize("strategy", ["auto", "uniform", "ensemble"])
 def test_distill_end_to_end(workdir, strategy):
     out = f"runs/{strategy}"
-    m = run(FAST + ["--strategy", strategy, "--out_dir", out], workdir)
+    m = distil_in(FAST + ["--strategy", strategy, "--out_dir", out], workdir)
     assert m["strategy"] == strategy and set(m["teachers"]) == {"teachers/RTE/big", "teachers/RTE/small"}
     assert [h["phase"] for h in m["history"]] == (["phase1", "phase2", "final"] if strategy == "auto" else ["final"])
     dist = json.load(open(os.path.join(workdir, out, "distribution.json")))
@@ -762,7 +817,7 @@ def test_every_run_ends_with_the_student_beside_its_teachers(workdir, capsys):
     """The closing table: parameters against hand counts, speeds measured, the summary computed from
     the table's own columns; metrics.json, the card and the screen hold the same lines; progress
     and the plan name what runs; a run without a team ends with no table."""
-    m = run(FAST + ["--out_dir", "runs/beside"], workdir)
+    m = distil_in(FAST + ["--out_dir", "runs/beside"], workdir)
     printed = capsys.readouterr()
     table = m["beside_the_team"]
     rows, student, summary = table["teachers"], table["student"], table["summary"]
@@ -782,7 +837,7 @@ def test_every_run_ends_with_the_student_beside_its_teachers(workdir, capsys):
     assert f"| small | {tiny_bert_parameters(1) / 1e6:.2f}M | {rows['teachers/RTE/small']['score']:.4f} |" in card
     assert "AutoSKD: phase-1 6 steps, teacher selection, phase-2 6 steps" in printed.out
     assert "student: 1 epoch(s), 6 steps" in printed.out and "phase-1 epoch 1/1" in printed.err
-    none = run(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"),
+    none = distil_in(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"),
                        "--out_dir", "runs/beside-none"], workdir)
     assert none["beside_the_team"] == {} and "| model |" not in capsys.readouterr().out
     assert "| model |" not in open(os.path.join(workdir, "runs/beside-none/README.md")).read()
@@ -793,7 +848,7 @@ def test_missing_data_is_fetched_from_the_hub(workdir, tmp_path, monkeypatch, ca
     import types
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_hub))
     data_dir = str(tmp_path / "fresh")
-    m = run(FAST + ["--strategy", "uniform", "--data_dir", data_dir, "--out_dir", "runs/fetched"], workdir)
+    m = distil_in(FAST + ["--strategy", "uniform", "--data_dir", data_dir, "--out_dir", "runs/fetched"], workdir)
     assert "no RTE data in " in capsys.readouterr().out and m["dev"]["dev"]["accuracy"] >= 0
     assert sorted(os.listdir(os.path.join(data_dir, "RTE"))) == ["dev.tsv", "test.tsv", "train.tsv"]
 
@@ -863,18 +918,18 @@ def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch
     examples stay labelled training examples); --strategy none has no teacher and leaves them out."""
     transfer = os.path.join(workdir, "glue_data", "RTE", "test.tsv")  # 29 rows, no labels
     trained, probed = set(), set()
-    real_loss, real_probe = distill.Loop.loss, distill.Reward.probe
-    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k, layer=None: trained.update(
+    real_loss, real_probe = distill.Run.kd_loss, distill.HeldOut.examples
+    monkeypatch.setattr(distill.Run, "kd_loss", lambda self, net, idx, soft_k, layer=None: trained.update(
         idx) or real_loss(self, net, idx, soft_k, layer))
-    monkeypatch.setattr(distill.Reward, "probe", lambda self, step: probed.update(real_probe(self, step)) or
+    monkeypatch.setattr(distill.HeldOut, "examples", lambda self, step: probed.update(real_probe(self, step)) or
                         real_probe(self, step))
-    m = run(FAST + ["--strategy", "auto", "--transfer", transfer, "--out_dir", "runs/transfer"], workdir)
+    m = distil_in(FAST + ["--strategy", "auto", "--transfer", transfer, "--out_dir", "runs/transfer"], workdir)
     assert trained == set(range(96 + 29)) and probed and max(probed) < 96  # labelled held-out examples
     dist = json.load(open(os.path.join(workdir, "runs/transfer/distribution.json")))
     assert len(dist["phase1"]) == math.ceil((96 - 9 + 29) / 16)  # 9 held out
     assert m["args"]["transfer"] == transfer
     trained.clear()
-    run(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"), "--transfer",
+    distil_in(FAST + ["--strategy", "none", "--student", os.path.join(workdir, "teachers/RTE/small"), "--transfer",
                 transfer, "--out_dir", "runs/none-transfer"], workdir)
     assert trained == set(range(96)) and "has no teacher to label" in capsys.readouterr().out
 
@@ -882,14 +937,14 @@ def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch
 def test_skd_draws_from_a_fixed_distribution(workdir):
     """SKDBERT's teacher-rank (our reading): ranks 1 (worst) to K (best) by dev score, p = rank / sum;
     or the weights given, one per teacher of the sorted team."""
-    m = run(FAST + ["--strategy", "skd", "--out_dir", "runs/skd"], workdir)
+    m = distil_in(FAST + ["--strategy", "skd", "--out_dir", "runs/skd"], workdir)
     scores = [glue_data.score(m["teachers"][n]) for n in sorted(m["teachers"])]
     ranks = glue_data.ranks(scores)
     dist = json.load(open(os.path.join(workdir, "runs/skd/distribution.json")))
     assert dist["final"] == pytest.approx([r / sum(ranks) for r in ranks]) and "phase1" not in dist
     assert sampler.teacher_rank([0.7, 0.9, 0.8]) == pytest.approx([1 / 6, 3 / 6, 2 / 6])
     assert sampler.teacher_rank([0.7, 0.7]) == pytest.approx([0.5, 0.5])  # a tie shares the mean rank
-    run(FAST + ["--strategy", "skd", "--weights", "3", "1", "--out_dir", "runs/skd-weights"], workdir)
+    distil_in(FAST + ["--strategy", "skd", "--weights", "3", "1", "--out_dir", "runs/skd-weights"], workdir)
     dist = json.load(open(os.path.join(workdir, "runs/skd-weights/distribution.json")))
     assert dist["final"] == pytest.approx([0.75, 0.25])
 
@@ -901,7 +956,7 @@ def test_predict_test_writes_glue_server_files_and_a_model_card(glue_dir, tiny_b
     import yaml
     from transformers import pipeline
     out = str(tmp_path / "out")
-    m = run(["--task", task, "--data_dir", glue_dir, "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
+    m = distil_in(["--task", task, "--data_dir", glue_dir, "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
              "--epochs", "1", "--predict_test", "--out_dir", out], str(tmp_path))
     files = {"RTE": ["RTE.tsv"], "MNLI": ["MNLI-m.tsv", "MNLI-mm.tsv"], "STS-B": ["STS-B.tsv"], "CoLA": ["CoLA.tsv"]}[task]
     tests = glue_data.load_task(glue_dir, task, test=True)
@@ -933,27 +988,27 @@ def test_model_card_front_matter_survives_yaml_characters():
     config = types.SimpleNamespace(base_model="org/base: v1 #2", num_hidden_layers=2)
     args = distill.parse_args(["--task", "MNLI", "--out_dir", "runs/a: b #c"])
     dev = {"dev_matched": {"accuracy": 0.5}, "dev_mismatched": {"accuracy": 0.25}}
-    card = kd.model_card(args, types.SimpleNamespace(config=config), dev, ["t/x"], [1.0])
+    card = model.model_card(args, types.SimpleNamespace(config=config), dev, ["t/x"], [1.0])
     front = yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
     assert front["base_model"] == "org/base: v1 #2" and front["model-index"][0]["name"] == "a: b #c"
     assert [(r["dataset"]["split"], r["metrics"][0]["value"]) for r in front["model-index"][0]["results"]] == [
         ("validation_matched", 0.5), ("validation_mismatched", 0.25)]
     config.base_model = os.path.abspath("some/folder")
-    card = kd.model_card(args, types.SimpleNamespace(config=config), dev, [], [])
+    card = model.model_card(args, types.SimpleNamespace(config=config), dev, [], [])
     assert "base_model" not in yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
 
 def test_single_teacher_and_seeded_repeat(workdir):
-    m = run(FAST + ["--strategy", "single", "--teachers", "teachers/RTE/big", "--out_dir", "runs/single"], workdir)
+    m = distil_in(FAST + ["--strategy", "single", "--teachers", "teachers/RTE/big", "--out_dir", "runs/single"], workdir)
     assert list(m["teachers"]) == ["teachers/RTE/big"]
-    runs = [run(FAST + ["--seed", "5", "--out_dir", f"runs/repeat{i}"], workdir) for i in range(2)]
+    runs = [distil_in(FAST + ["--seed", "5", "--out_dir", f"runs/repeat{i}"], workdir) for i in range(2)]
     dists = [open(os.path.join(workdir, f"runs/repeat{i}/distribution.json")).read() for i in range(2)]
     assert dists[0] == dists[1] and runs[0]["dev"] == runs[1]["dev"]
 
 
 def test_the_order_of_the_team_decides_nothing(workdir):
-    listed = run(FAST + ["--seed", "5", "--teachers", "teachers/RTE/small", "teachers/RTE/big",
+    listed = distil_in(FAST + ["--seed", "5", "--teachers", "teachers/RTE/small", "teachers/RTE/big",
                          "--out_dir", "runs/listed"], workdir)
-    found = run(FAST + ["--seed", "5", "--out_dir", "runs/found"], workdir)  # found in teachers/RTE/: big, small
+    found = distil_in(FAST + ["--seed", "5", "--out_dir", "runs/found"], workdir)  # found in teachers/RTE/: big, small
     read = lambda d: open(os.path.join(workdir, d, "distribution.json")).read()
     assert read("runs/listed") == read("runs/found") and listed["dev"] == found["dev"]
 
@@ -961,12 +1016,12 @@ def test_the_order_of_the_team_decides_nothing(workdir):
 @pytest.mark.parametrize("phase", ["phase1", "phase2", "final"])
 def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
     argv = FAST + ["--seed", "3", "--save_every", "2"]
-    ref = run(argv + ["--out_dir", "runs/uninterrupted"], workdir)
-    current, calls, real_train, real_loss = [None], [], distill.Loop.train, kd.kd_loss
+    ref = distil_in(argv + ["--out_dir", "runs/uninterrupted"], workdir)
+    current, calls, real_train, real_loss = [None], [], distill.train, model.kd_loss
 
-    def train(self, phase, *a, **k):
+    def train(run, resume, phase, *a, **k):
         current[0] = phase
-        return real_train(self, phase, *a, **k)
+        return real_train(run, resume, phase, *a, **k)
 
     def loss(*a, **k):  # step 3 of 6 in the phase (probes are losses too): past the step-2 checkpoint
         calls.append(current[0])
@@ -974,14 +1029,14 @@ def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(distill.Loop, "train", train)
-    monkeypatch.setattr(kd, "kd_loss", loss)
+    monkeypatch.setattr(distill, "train", train)
+    monkeypatch.setattr(model, "kd_loss", loss)
     out = os.path.join(workdir, f"runs/killed-{phase}")
     with pytest.raises(KeyboardInterrupt):
-        run(argv + ["--out_dir", f"runs/killed-{phase}"], workdir)
+        distil_in(argv + ["--out_dir", f"runs/killed-{phase}"], workdir)
     assert os.path.exists(os.path.join(out, "resume.pt")) and not os.path.exists(os.path.join(out, "metrics.json"))
-    monkeypatch.setattr(kd, "kd_loss", real_loss)
-    resumed = run(argv + ["--out_dir", f"runs/killed-{phase}", "--resume"], workdir)
+    monkeypatch.setattr(model, "kd_loss", real_loss)
+    resumed = distil_in(argv + ["--out_dir", f"runs/killed-{phase}", "--resume"], workdir)
     assert resumed["dev"] == ref["dev"] and resumed["history"] == ref["history"]
     read = lambda d: open(os.path.join(workdir, d, "distribution.json")).read()
     assert read(f"runs/killed-{phase}") == read("runs/uninterrupted")
@@ -991,7 +1046,7 @@ def test_a_killed_run_resumes_to_the_same_end(workdir, monkeypatch, phase):
 
 
 def test_resume_refuses_other_flags(workdir, monkeypatch):
-    real, calls = kd.kd_loss, []
+    real, calls = model.kd_loss, []
 
     def loss(*a, **k):
         calls.append(1)
@@ -999,13 +1054,13 @@ def test_resume_refuses_other_flags(workdir, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(kd, "kd_loss", loss)
+    monkeypatch.setattr(model, "kd_loss", loss)
     with pytest.raises(KeyboardInterrupt):
-        run(FAST + ["--out_dir", "runs/flags", "--save_every", "1"], workdir)
+        distil_in(FAST + ["--out_dir", "runs/flags", "--save_every", "1"], workdir)
     monkeypatch.undo()
     assert os.path.exists(os.path.join(workdir, "runs/flags/resume.pt"))
     with pytest.raises(ValueError, match=r"written with other flags \(--lr\)"):
-        run(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
+        distil_in(FAST[:-1] + ["2e-3", "--out_dir", "runs/flags", "--resume"], workdir)
 
 
 def one_error_line(code, err, pattern):
@@ -1048,11 +1103,11 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_one(workdir, monkeypatch,
         glue_data.write_atomic(path, lambda f: full(None, f), binary=True)
     assert torch.load(path) == {"old": 1} and os.listdir(tmp_path) == ["x.pt"]
     out = os.path.join(workdir, "runs/full-disk")
-    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk"], workdir)
+    distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk"], workdir)
     before = {f: open(os.path.join(out, f), "rb").read() for f in ("metrics.json", "model.safetensors")}
     monkeypatch.setattr(glue_data.json, "dump", full)  # metrics.json
     with pytest.raises(OSError, match=r"could not write runs/full-disk/metrics\.json \(\[Errno 28\]"):
-        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "1"], workdir)
+        distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "1"], workdir)
     assert open(os.path.join(out, "metrics.json"), "rb").read() == before["metrics.json"]
     monkeypatch.undo()
     student = open(os.path.join(out, "model.safetensors"), "rb").read()  # (the seed-1 run's, written before)
@@ -1063,16 +1118,16 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_one(workdir, monkeypatch,
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_half)
     with pytest.raises(OSError, match=r"could not write the student to runs/full-disk \(\[Errno 28\]"):
-        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "2"], workdir)
+        distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/full-disk", "--seed", "2"], workdir)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == student
     assert not [f for f in os.listdir(out) if "tmp" in f]
 
 
 def test_resume_of_a_finished_run_leaves_it_alone(workdir, capsys):
     out = os.path.join(workdir, "runs/finished")
-    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished"], workdir)
+    distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished"], workdir)
     stamps = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
-    run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished", "--resume"], workdir)
+    distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/finished", "--resume"], workdir)
     assert "holds a finished run" in capsys.readouterr().out
     assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == stamps
 
@@ -1107,24 +1162,24 @@ def test_torchrun_resumes_a_killed_run(workdir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def tiny_loop(tmp_path, argv, n_train):
-    """A distill.Loop on a synthetic RTE (the label is whether 'good' is in the first sentence) and a
-    tiny student checkpoint without dropout: (loop, checkpoint folder)."""
+def tiny_run(tmp_path, argv, n_train):
+    """A distill.Run on a synthetic RTE (the label is whether 'good' is in the first sentence) and a
+    tiny student checkpoint without dropout: (trial, checkpoint folder)."""
     base = make_tiny_bert(str(tmp_path / "nodrop"), layers=2, dropout=0.0)
     write_task(str(tmp_path / "glue"), "RTE", n_train=n_train, n_dev=16)
     args = distill.parse_args(["--task", "RTE", "--data_dir", str(tmp_path / "glue"), "--out_dir", str(tmp_path / "out")] + argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    return distill.Loop(args, glue_data.load_task(args.data_dir, "RTE"), BertTokenizer.from_pretrained(base)), base
+    return distill.Run(args, glue_data.load_task(args.data_dir, "RTE"), BertTokenizer.from_pretrained(base)), base
 
 
-def real_steps(loop, student, soft, idx, heldout, lr):
+def real_steps(trial, student, soft, idx, heldout, lr):
     """In float64, from copied weights: for every teacher j, the drop of the held-out expected error
     after a real step of size lr on j's KD loss, [K]; that error's gradient h, flat [P]; and the norm
     of each teacher's step direction |g_j|, [K]."""
     import copy
-    inputs = lambda ids: loop.batch(ids)[0]
+    inputs = lambda ids: trial.batch(ids)[0]
     expected_error = lambda m: 1 - torch.softmax(m(**inputs(heldout)).logits, -1)[
-        range(len(heldout)), loop.labels[heldout]].mean()
+        range(len(heldout)), trial.labels[heldout]].mean()
     c = copy.deepcopy(student).double().eval()
     error = expected_error(c)
     h = torch.autograd.grad(error, list(c.parameters()), materialize_grads=True)
@@ -1133,7 +1188,7 @@ def real_steps(loop, student, soft, idx, heldout, lr):
         c = copy.deepcopy(student).double().eval()
         with torch.no_grad():
             before = float(expected_error(c))
-        loss = kd.kd_loss(c(**inputs(idx)).logits, loop.labels[idx], soft_j[idx].double(), 2.0, 0.5)
+        loss = model.kd_loss(c(**inputs(idx)).logits, trial.labels[idx], soft_j[idx].double(), 2.0, 0.5)
         g = torch.autograd.grad(loss, list(c.parameters()))
         with torch.no_grad():
             for p, g_p in zip(c.parameters(), g):
@@ -1147,32 +1202,32 @@ def real_steps(loop, student, soft, idx, heldout, lr):
 def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     """Every teacher's value against real small steps taken in float64, on a fresh student and on one
     trained until it is confident (its softmax saturates, where float32 loses digits first)."""
-    loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
-    student = loop.new_student(base, 1, 40)[0]
+    trial, base = tiny_run(tmp_path, ["--student_layers", "2"], 40)
+    student = distill.new_student(trial, base, 1, 40).model
     torch.manual_seed(1)
-    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    soft = torch.stack([model.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
     heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-6
-    held, batch = loop.batch(heldout)[0], loop.batch(idx)[0]
+    held, batch = trial.batch(heldout)[0], trial.batch(idx)[0]
 
-    def lookahead(h):  # the plain functions, as any loop calls them
-        r = distill.lookahead_rewards(student, batch, loop.labels[idx], soft[:, idx], h, lr, 2.0, 0.5)
+    def lookahead(h):  # the plain functions, as any trial calls them
+        r = distill.lookahead_rewards(student, batch, trial.labels[idx], soft[:, idx], h, lr, 2.0, 0.5)
         return r.double().numpy()
 
     for trained in (False, True):
         if trained:
             opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
             for _ in range(100):
-                loop.loss(student, list(range(32)), None)[0].backward()
+                trial.kd_loss(student, list(range(32)), None)[0].backward()
                 opt.step()
                 opt.zero_grad()
         student.train(trained)  # either mode: the functions switch dropout off and restore the mode
-        h = distill.heldout_grad(student, held, loop.labels[heldout])
+        h = distill.heldout_grad(student, held, trial.labels[heldout])
         predicted = lookahead(h)
         assert student.training == trained
         # The real drop is lr <h, g_j> + O(lr^2); Richardson's step 2 d(lr) - d(2 lr) / 2 cancels the
         # lr^2 term and leaves the first-order drop the reward claims to be, up to O(lr^3).
-        once, h_exact, g_norms = real_steps(loop, student, soft, idx, heldout, lr)
-        twice = real_steps(loop, student, soft, idx, heldout, 2 * lr)[0]
+        once, h_exact, g_norms = real_steps(trial, student, soft, idx, heldout, lr)
+        twice = real_steps(trial, student, soft, idx, heldout, 2 * lr)[0]
         first_order = 2 * once - twice / 2
         # The tolerance, from float32's unit roundoff u = 2^-24 = 6e-8 and the magnitudes involved.
         # An error e in h moves lr <h, g_j> by at most lr |e| |g_j| (Cauchy-Schwarz), however small
@@ -1216,14 +1271,14 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
     output_layer_rewards is lookahead_rewards with h zeroed outside the output layer, on BERT's head and
     on RoBERTa's (found as the last linear layer with one output per label: classifier.out_proj)."""
     if kind == "bert":
-        model = AutoModelForSequenceClassification.from_pretrained(
+        net = AutoModelForSequenceClassification.from_pretrained(
             make_tiny_bert(str(tmp_path / "bert"), layers=2), num_labels=3).double().eval()
         name = "classifier"
     else:
-        model = tiny_classifier("roberta", num_labels=3)
+        net = tiny_classifier("roberta", num_labels=3)
         name = "classifier.out_proj"
-    layer = distill.output_layer(model)
-    assert layer is model.get_submodule(name)
+    layer = distill.output_layer(net)
+    assert layer is net.get_submodule(name)
     g = torch.Generator().manual_seed(1)
     ids = lambda n: {"input_ids": torch.randint(5, 20, (n, 7), generator=g),
                      "attention_mask": torch.ones(n, 7, dtype=torch.long)}
@@ -1231,35 +1286,35 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
     labels, held_labels = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (5,), generator=g)
     soft = torch.softmax(torch.randn(4, 6, 3, generator=g, dtype=torch.float64) * 3, -1)  # [K, B, C]
     labelled = torch.tensor([True, True, False, True, False, True])
-    h = distill.heldout_grad(model, held, held_labels)
-    h_out = distill.heldout_output_grad(model, held, held_labels)
-    params = list(model.parameters())
+    h = distill.heldout_grad(net, held, held_labels)
+    h_out = distill.heldout_output_grad(net, held, held_labels)
+    params = list(net.parameters())
     ours = [k for k, p in enumerate(params) if p is layer.weight or p is layer.bias]
     assert [h[k].shape for k in ours] == [x.shape for x in h_out]
     for k, x in zip(ours, h_out):
         assert torch.allclose(x, h[k], rtol=1e-12, atol=1e-15)
     zeroed = [x if k in ours else torch.zeros_like(x) for k, x in enumerate(h)]
-    u, z = distill.features_and_logits(model, batch, layer)
-    assert torch.equal(z, model(**batch).logits)
+    u, z = distill.features_and_logits(net, batch, layer)
+    assert torch.equal(z, net(**batch).logits)
     for mask in (None, labelled):
-        expected = distill.lookahead_rewards(model, batch, labels, soft, zeroed, 1e-3, 2.0, 0.5, mask)
+        expected = distill.lookahead_rewards(net, batch, labels, soft, zeroed, 1e-3, 2.0, 0.5, mask)
         got = distill.output_layer_rewards(u, z, labels, soft, h_out, 1e-3, 2.0, 0.5, mask)
         assert got.dtype == torch.float64
         assert torch.allclose(got, expected, rtol=1e-10, atol=0), (got, expected)
-        whole = distill.lookahead_rewards(model, batch, labels, soft, h, 1e-3, 2.0, 0.5, mask)
+        whole = distill.lookahead_rewards(net, batch, labels, soft, h, 1e-3, 2.0, 0.5, mask)
         assert not torch.allclose(got, whole, rtol=1e-3)  # the body's part is left out
     # Under bf16 autocast (a GPU run, a Trainer with bf16=True) the forward rounds to bf16, but h and
     # the reward are computed from its outputs in float32: as float64 computes them, to float32's
     # precision (in bf16 they would be 1e-2 off).
-    model.float()
+    net.float()
     with torch.autocast("cpu", torch.bfloat16):
-        h_bf16 = distill.heldout_output_grad(model, held, held_labels)
-        u_held, z_held = distill.features_and_logits(model, held, layer)
-        u, z = distill.features_and_logits(model, batch, layer)
+        h_bf16 = distill.heldout_output_grad(net, held, held_labels)
+        u_held, z_held = distill.features_and_logits(net, held, layer)
+        u, z = distill.features_and_logits(net, batch, layer)
         got = distill.output_layer_rewards(u, z, labels, soft.float(), h_bf16, 1e-3, 2.0, 0.5)
     assert z.dtype == u.dtype == torch.bfloat16
     assert [x.dtype for x in h_bf16] == [torch.float32] * 2 and got.dtype == torch.float32
-    dE_dz = kd.expected_error_grad(z_held.double(), held_labels)  # [H, C]
+    dE_dz = model.expected_error_grad(z_held.double(), held_labels)  # [H, C]
     h64 = [dE_dz.T @ u_held.double(), dE_dz.sum(0)]
     exact = distill.output_layer_rewards(u.double(), z.double(), labels, soft, h64, 1e-3, 2.0, 0.5)
     assert torch.allclose(got.double(), exact, rtol=1e-4, atol=0), (got, exact)
@@ -1268,10 +1323,10 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
 def test_a_head_that_pools_after_its_output_layer_is_refused():
     """GPT-2's classifier scores every token, then picks the last: its output layer's output is not the
     logits, so the output-layer reward stops with one sentence naming --reward_reach student."""
-    model = tiny_classifier("gpt2")
+    net = tiny_classifier("gpt2")
     batch = {"input_ids": torch.randint(5, 20, (3, 6))}
     with pytest.raises(ValueError, match="--reward_reach student"):
-        distill.heldout_output_grad(model, batch, torch.tensor([0, 1, 0]))
+        distill.heldout_output_grad(net, batch, torch.tensor([0, 1, 0]))
 
 
 def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path, monkeypatch):
@@ -1279,16 +1334,16 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
     step's own forward into every teacher's reward. On a student without dropout that is the whole
     student's lookahead with h zeroed outside the output layer; --lookahead_share 0.25: the same on the
     rows where the teachers differ most, as a mean over the batch."""
-    loop, base = tiny_loop(tmp_path, ["--student_layers", "2"], 40)
-    a = loop.args
+    trial, base = tiny_run(tmp_path, ["--student_layers", "2"], 40)
+    a = trial.args
     assert a.reward_reach == "output"  # the default
-    student = loop.new_student(base, 1, 40)[0].train()
+    student = distill.new_student(trial, base, 1, 40).model.train()
     torch.manual_seed(2)
-    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    soft = torch.stack([model.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
     idx, lr = list(range(31, 15, -1)), 1e-3  # rows in the batch are not the examples' indices
-    reward = distill.Reward(loop, torch.arange(32, 40), soft)
-    held, j = loop.batch(reward.probe(0))
-    h = distill.heldout_grad(student, held, loop.labels[j])
+    reward = distill.LookaheadReward(trial, torch.arange(32, 40), soft)
+    held, j = trial.batch(reward.heldout.examples(0))
+    h = distill.heldout_grad(student, held, trial.labels[j])
     layer = distill.output_layer(student)
     zeroed = [x if p is layer.weight or p is layer.bias else torch.zeros_like(x)
               for x, p in zip(h, student.parameters())]
@@ -1296,20 +1351,20 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
     real = distill.lookahead_rewards
 
     def lookahead(rows):
-        inputs, i = loop.batch(rows)
-        return real(student, inputs, loop.labels[i], soft[:, i], zeroed, lr, a.temperature, a.alpha,
-                    loop.labelled[i])
+        inputs, i = trial.batch(rows)
+        return real(student, inputs, trial.labels[i], soft[:, i], zeroed, lr, a.temperature, a.alpha,
+                    trial.labelled[i])
 
     passes = []
     monkeypatch.setattr(distill, "lookahead_rewards", lambda *x, **k: passes.append(1))
     for share in (1, 0.25):
         a.lookahead_share = share
-        reward.before(student, idx, 0 if share == 1 else 1, lr)
+        reward.before(student, idx, 0 if share == 1 else 1, lr, [True] * 3)
         assert reward.layer is layer
-        loss, seen = loop.loss(student, idx, soft[0], reward.layer)
+        loss, seen = trial.kd_loss(student, idx, soft[0], reward.layer)
         loss.backward()  # (the step itself changes nothing of what was seen)
         got = torch.tensor(reward.after(student, 0, seen))
-        rows = range(16) if share == 1 else kd.where_teachers_differ(soft[:, idx], 4).tolist()
+        rows = range(16) if share == 1 else model.where_teachers_differ(soft[:, idx], 4).tolist()
         expected = lookahead([idx[r] for r in rows]) * share
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), share
     assert not passes  # no forward-mode pass
@@ -1321,51 +1376,53 @@ def test_where_teachers_differ_by_hand():
     q = torch.full((2, 6, 2), 0.5)  # [K, B, C]
     q[1, 4] = torch.tensor([0.9, 0.1])
     q[1, 1] = torch.tensor([0.3, 0.7])
-    assert kd.where_teachers_differ(q, 2).tolist() == [1, 4]
-    assert kd.where_teachers_differ(q, 1).tolist() == [4]
-    assert kd.where_teachers_differ(q, 9).tolist() == list(range(6))
-    assert kd.where_teachers_differ(q[:, :, :1], 2).tolist() == [1, 4]  # regression: [K, B, 1]
+    assert model.where_teachers_differ(q, 2).tolist() == [1, 4]
+    assert model.where_teachers_differ(q, 1).tolist() == [4]
+    assert model.where_teachers_differ(q, 9).tolist() == list(range(6))
+    assert model.where_teachers_differ(q[:, :, :1], 2).tolist() == [1, 4]  # regression: [K, B, 1]
 
 
 def test_the_lookahead_on_a_share_of_the_batch(tmp_path):
     """--lookahead_share 1: the reward is exactly the whole batch's; 0.25: the same functions on the
     quarter of the batch where the teachers in play differ most, as a mean over the whole batch."""
-    loop, base = tiny_loop(tmp_path, ["--student_layers", "2", "--lookahead_share", "1",
+    trial, base = tiny_run(tmp_path, ["--student_layers", "2", "--lookahead_share", "1",
                                       "--reward_reach", "student"], 40)
-    student = loop.new_student(base, 1, 40)[0].train()
+    student = distill.new_student(trial, base, 1, 40).model.train()
     torch.manual_seed(2)
-    soft = torch.stack([kd.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
-    idx, lr, a = list(range(16)), 1e-3, loop.args
-    reward = distill.Reward(loop, torch.arange(32, 40), soft)
-    reward.before(student, idx, 0, lr)
-    held, i = loop.batch(reward.probe(0))
-    h = distill.heldout_grad(student, held, loop.labels[i])
+    soft = torch.stack([model.soft_targets(torch.randn(40, 2) * 3, 2.0) for _ in range(3)])  # [K, N, C]
+    idx, lr, a = list(range(16)), 1e-3, trial.args
+    reward = distill.LookaheadReward(trial, torch.arange(32, 40), soft)
+    reward.before(student, idx, 0, lr, [True] * 3)
+    held, i = trial.batch(reward.heldout.examples(0))
+    h = distill.heldout_grad(student, held, trial.labels[i])
 
     def lookahead(rows):
-        inputs, j = loop.batch(rows)
-        return distill.lookahead_rewards(student, inputs, loop.labels[j], soft[:, j], h, lr,
-                                         a.temperature, a.alpha, loop.labelled[j])
+        inputs, j = trial.batch(rows)
+        return distill.lookahead_rewards(student, inputs, trial.labels[j], soft[:, j], h, lr,
+                                         a.temperature, a.alpha, trial.labelled[j])
 
     assert reward.values == lookahead(idx).tolist()  # bit for bit
     a.lookahead_share = 0.25
     for active in ([True] * 3, [True, False, True]):  # phase-1; phase-2 with teacher 1 discarded
         reward.before(student, idx, 1, lr, active)  # (h kept: a new one every 4 steps)
-        chosen = kd.where_teachers_differ(soft[:, idx][torch.tensor(active)], 4).tolist()
+        chosen = model.where_teachers_differ(soft[:, idx][torch.tensor(active)], 4).tolist()
         assert reward.values == (lookahead([idx[j] for j in chosen]) * 0.25).tolist()
-    assert chosen != kd.where_teachers_differ(soft[:, idx], 4).tolist()  # the active ones decide
+    assert chosen != model.where_teachers_differ(soft[:, idx], 4).tolist()  # the active ones decide
 
 
 def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
     """One teacher gives the labels, one contradicts them: phase-1 ends with p(helpful) > 0.9, every seed."""
     for seed in (0, 1, 2):
-        loop, base = tiny_loop(tmp_path / str(seed), ["--student_layers", "1", "--lr", "1e-2", "--batch_size", "16",
+        trial, base = tiny_run(tmp_path / str(seed), ["--student_layers", "1", "--lr", "1e-2", "--batch_size", "16",
                                                       "--phase1_epochs", "4", "--seed", str(seed)], 400)
-        right = torch.nn.functional.one_hot(loop.labels, 2).float() * 4 - 2  # logit +2 on the label, -2 elsewhere
-        soft = torch.stack([kd.soft_targets(right, 2.0), kd.soft_targets(-right, 2.0)])  # helpful, harmful
+        right = torch.nn.functional.one_hot(trial.labels, 2).float() * 4 - 2  # logit +2 on the label, -2 elsewhere
+        soft = torch.stack([model.soft_targets(right, 2.0), model.soft_targets(-right, 2.0)])  # helpful, harmful
         sampler = TeacherSampler(["helpful", "harmful"], seed=seed)
         split = torch.randperm(400, generator=torch.Generator().manual_seed(seed))
-        student, opt, sched = loop.new_student(base, 4 + 1, 360)  # phase-1 and phase-2 share the schedule
-        loop.train("phase1", student, opt, sched, 4, split[40:], soft, sampler, distill.Reward(loop, split[:40], soft))
+        student = distill.new_student(trial, base, 4 + 1, 360)  # phase-1 and phase-2 share the schedule
+        teaching = distill.Teaching(soft, sampler, learn_p=True)
+        reward = distill.LookaheadReward(trial, split[:40], soft)
+        distill.train(trial, distill.Resume(trial), "phase1", student, 4, split[40:], teaching, reward)
         assert float(sampler.probs()[0]) > 0.9, (seed, sampler.probs())
         values = torch.tensor([r for _, r in sampler.rewards])  # [steps, K]: every teacher, every step
         assert (values[:, 0] > values[:, 1]).float().mean() > 0.8  # the helpful teacher scores higher
@@ -1374,16 +1431,17 @@ def test_lookahead_phase1_learns_the_helpful_teacher(tmp_path):
 def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
     """from_pretrained gives a model in eval mode: every step of every phase must train with dropout on,
     the first epoch of a phase without a reward (final, and plain fine-tuning) included."""
-    loop, base = tiny_loop(tmp_path, ["--student_layers", "1", "--batch_size", "16"], 64)
-    modes, real = [], distill.Loop.loss
-    monkeypatch.setattr(distill.Loop, "loss", lambda self, net, idx, soft_k, layer=None: modes.append(
+    trial, base = tiny_run(tmp_path, ["--student_layers", "1", "--batch_size", "16"], 64)
+    modes, real = [], distill.Run.kd_loss
+    monkeypatch.setattr(distill.Run, "kd_loss", lambda self, net, idx, soft_k, layer=None: modes.append(
         net.training) or real(self, net, idx, soft_k, layer))
-    soft = kd.soft_targets(torch.randn(2, 64, 2), 2.0)
-    for phase, sampler, reward in [("final", None, None), ("phase1", TeacherSampler(["a", "b"]), "yes")]:
-        student, opt, sched = loop.new_student(base, 1, 64)
+    soft = model.soft_targets(torch.randn(2, 64, 2), 2.0)
+    teaching = distill.Teaching(soft, TeacherSampler(["a", "b"]))
+    for phase, reward in [("final", None), ("phase1", "yes")]:
+        student = distill.new_student(trial, base, 1, 64)
         idx = torch.arange(64) if reward is None else torch.arange(8, 64)
-        reward = distill.Reward(loop, torch.arange(8), soft) if reward else None
-        loop.train(phase, student, opt, sched, 1, idx, soft, sampler, reward)
+        reward = distill.LookaheadReward(trial, torch.arange(8), soft) if reward else None
+        distill.train(trial, distill.Resume(trial), phase, student, 1, idx, teaching, reward)
     assert len(modes) == 4 + 4 and all(modes), modes  # 64 and 56 examples in batches of 16
 
 def readme_block(section, tmp_path):
@@ -1404,9 +1462,9 @@ def readme_block(section, tmp_path):
 
 
 def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_path):
-    """README.md's own-loop block, run as written on a tiny model and data; selection (keep 2)
+    """README.md's own-trial block, run as written on a tiny model and data; selection (keep 2)
     discards the contradicting teacher."""
-    code, base, tokenizer, enc, labels, held, logits = readme_block("AutoSKD in your own loop", tmp_path)
+    code, base, tokenizer, enc, labels, held, logits = readme_block("AutoSKD in your own trial", tmp_path)
     assert len(code.splitlines()) <= 30
     inputs = lambda idx: glue_data.collate(tokenizer, enc, idx)
     rows = [list(range(i, i + 16)) for i in range(0, 128, 16)]  # held-out examples: never a batch
@@ -1446,29 +1504,29 @@ def test_the_readmes_trainer_block_runs_and_discards_the_contradicting_teacher(t
 def test_held_out_batches_every_rank_can_share(tmp_path):
     """Under torchrun every rank takes a share of a held-out batch: smaller ones are skipped, and a
     held-out set too small for the processes stops with one sentence naming the flags."""
-    loop, _ = tiny_loop(tmp_path, ["--probe_size", "4"], 32)
-    loop.world = 3
-    assert [len(b) for b in distill.Reward(loop, torch.arange(9), None).probes] == [4, 4]  # the 1 left over: skipped
-    loop.world = 4
+    trial, _ = tiny_run(tmp_path, ["--probe_size", "4"], 32)
+    trial.world = 3
+    assert [len(b) for b in distill.HeldOut(trial, torch.arange(9)).batches] == [4, 4]  # the 1 left over: skipped
+    trial.world = 4
     with pytest.raises(ValueError, match="held-out batches of 3 cannot be shared by 4 processes: raise --probe_size"):
-        distill.Reward(loop, torch.arange(3), None)
+        distill.HeldOut(trial, torch.arange(3))
 
 def record_float64_rewards(monkeypatch, reach="student"):
     """From now on, every lookahead reward of an in-process run is recomputed in float64 from a copy
-    of the student, independently of distill.Reward (autograd for h, torch.func.jvp for J h; reach
+    of the student, independently of distill.LookaheadReward (autograd for h, torch.func.jvp for J h; reach
     output: h zeroed outside the output layer): the list returned fills with every step's [K] values."""
     import copy
     from torch.nn.attention import SDPBackend, sdpa_kernel
     record, h = [], {}
-    real_before = distill.Reward.before
+    real_before = distill.LookaheadReward.before
 
-    def before(self, student, idx, step, lr, active=None):
+    def before(self, student, idx, step, lr, active):
         real_before(self, student, idx, step, lr, active)
-        L = self.loop
+        L = self.run
         c = copy.deepcopy(student).double().eval()
         weights = dict(c.named_parameters())
-        if step % L.args.probe_every == 0 or not h:  # when Reward measures h anew
-            probe = self.probe(step)
+        if step % L.args.probe_every == 0 or not h:  # when the reward measures h anew
+            probe = self.heldout.examples(step)
             p = torch.softmax(c(**L.batch(probe)[0]).logits, -1)
             error = 1 - p[range(len(probe)), L.labels[probe]].mean()
             h["h"] = torch.autograd.grad(error, list(weights.values()), materialize_grads=True)
@@ -1482,11 +1540,11 @@ def record_float64_rewards(monkeypatch, reach="student"):
         values = []
         for soft in self.soft:
             z = z.detach().requires_grad_()
-            loss = kd.kd_loss(z, L.labels[i], soft[i].double(), L.args.temperature, L.args.alpha)
+            loss = model.kd_loss(z, L.labels[i], soft[i].double(), L.args.temperature, L.args.alpha)
             values.append(lr * float((torch.autograd.grad(loss, z)[0] * jh).sum()))
         record.append(values)
 
-    monkeypatch.setattr(distill.Reward, "before", before)
+    monkeypatch.setattr(distill.LookaheadReward, "before", before)
     return record
 
 
@@ -1498,7 +1556,7 @@ def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch, re
     argv = FAST + ["--student", student, "--heldout", "0.0834", "--save_every", "3"]
     argv += ["--lookahead_share", "1", "--reward_reach", reach]  # as the float64 reference scores
     exact = record_float64_rewards(monkeypatch, reach)
-    one = run(argv + ["--out_dir", f"runs/one-process-{reach}"], workdir)
+    one = distil_in(argv + ["--out_dir", f"runs/one-process-{reach}"], workdir)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(HERE, "distill.py")] + argv + ["--out_dir", f"runs/two-processes-{reach}"],
@@ -1533,22 +1591,22 @@ def test_torchrun_two_cpu_processes_match_one(workdir, tmp_path, monkeypatch, re
 def test_regression_task_end_to_end(tiny_bert, tmp_path):
     root = str(tmp_path)
     write_task(os.path.join(root, "glue_data"), "STS-B", n_train=48, n_dev=16)
-    run(["--task", "STS-B", "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
+    distil_in(["--task", "STS-B", "--strategy", "none", "--student", tiny_bert, "--student_layers", "1",
          "--epochs", "1", "--out_dir", "teachers/STS-B/t"], root)
-    m = run(["--task", "STS-B", "--student_layers", "1", "--epochs", "1", "--batch_size", "8"], root)
+    m = distil_in(["--task", "STS-B", "--student_layers", "1", "--epochs", "1", "--batch_size", "8"], root)
     assert set(m["dev"]["dev"]) == {"pearson", "spearman"}
 
 
 def test_a_nan_loss_stops_with_its_step(workdir, monkeypatch):
-    real, calls = kd.kd_loss, []
+    real, calls = model.kd_loss, []
 
     def poisoned(*a, **k):
         calls.append(1)
         return real(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(kd, "kd_loss", poisoned)
+    monkeypatch.setattr(model, "kd_loss", poisoned)
     with pytest.raises(FloatingPointError, match="student epoch 1 step 3: the loss is nan"):
-        run(FAST + ["--strategy", "ensemble", "--out_dir", "runs/nan"], workdir)
+        distil_in(FAST + ["--strategy", "ensemble", "--out_dir", "runs/nan"], workdir)
 
 
 def test_command_line_errors_are_one_sentence(workdir, tmp_path):
@@ -1590,351 +1648,3 @@ def test_command_line_errors_are_one_sentence(workdir, tmp_path):
         assert not os.path.exists(os.path.join(str(cwd), "no_cache")), "checked only after running the teachers"
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
-
-
-# ------------------------------------------------------------------------------------ bench.py
-@pytest.fixture(scope="session")
-def tiny_bench(tmp_path_factory):
-    """The transfer bench on a tiny team, two seeds, one auto variant: (its argv without --jobs,
-    results folder, MRPC-transfer.json). The base-size teacher is a 2-layer tiny BERT."""
-    pytest.importorskip("matplotlib")
-    import bench
-    tmp = tmp_path_factory.mktemp("bench")
-    tiny_bert = make_tiny_bert(str(tmp / "bert6"), layers=6)  # the bench team goes up to 6 layers
-    write_task(str(tmp / "glue"), "MRPC", n_train=48, n_dev=16)
-    out = str(tmp / "results")
-    base = make_tiny_bert(str(tmp / "bert2"), layers=2)
-    argv = ["--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp / "glue"),
-            "--seeds", "0", "1", "--student_layers", "1", "--teacher_epochs", "1",
-            "--epochs", "1", "--train_limit", "40", "--lr", "1e-3", "--teacher_lr", "1e-3",
-            "--out", out, "--variant", "slr1", "--sampler_lr 1",
-            "--transfer", "6", "--base_teacher", base, "--base_teacher_lr", "1e-3",
-            "--base_teacher_epochs", "1"]
-    bench.main(argv + ["--jobs", "2"])
-    with open(os.path.join(out, "MRPC-transfer.json")) as f:
-        result = json.load(f)
-    return argv, out, result
-
-
-def test_bench_runs_every_strategy_and_reports(tiny_bench):
-    import bench
-    argv, out, result = tiny_bench
-    assert not os.path.exists(os.path.join(out, "MRPC.json"))  # the labelled-only tables stay apart
-    singles = {f"single ({n})" for n in ["base", *bench.TEAM]}
-    best = max(result["teacher_scores"], key=result["teacher_scores"].get)
-    rows = {"none", "ensemble", "uniform", "auto", "auto (slr1)", "skd (teacher-rank)",
-            "skd (student-rank)", f"single ({best}, no transfer)"}
-    assert set(result["runs"]) == rows | singles
-    assert all(len(r) == 2 for r in result["runs"].values())
-    assert result["runs"]["auto (slr1)"]["1"]["args"]["sampler_lr"] == 1.0
-    l4 = os.path.join(out, "MRPC", "teachers", "L4")
-    assert result["runs"]["single (L4)"]["0"]["args"]["teachers"] == [l4]
-    assert result["runs"]["auto"]["0"]["history"][0]["phase"] == "phase1"
-    assert len(result["teacher_scores"]) == 7
-    assert set(result["ground_truth"]) == {"base", *bench.TEAM}
-    table = open(os.path.join(out, "MRPC-transfer.md")).read()
-    assert "| auto |" in table and "| auto (slr1) | " in table
-    assert os.path.getsize(os.path.join(out, "MRPC-transfer_distribution.png")) > 1000
-
-
-def test_bench_transfer_set_and_skd_rows(tiny_bench):
-    argv, out, result = tiny_bench
-    transfer = os.path.join(out, "MRPC", "transfer", "MRPC.tsv")
-    rows = open(transfer).read().splitlines()  # the 8 training rows outside the 40: 6 of them
-    assert rows[0] == TEST_FORMATS["MRPC"][0] and len(rows) == 1 + 6
-    args = lambda row: result["runs"][row]["0"]["args"]
-    assert args("auto")["transfer"] == transfer and args("none")["transfer"] is None
-    best = max(result["teacher_scores"], key=result["teacher_scores"].get)
-    assert args(f"single ({best}, no transfer)")["transfer"] == ""
-    dirs = sorted(args("auto")["teachers"])
-    alone = []  # the students distilled from each teacher alone, mean over the seeds
-    for d in dirs:
-        runs = result["runs"][f"single ({os.path.basename(d)})"]
-        alone.append(statistics.mean(glue_data.score(runs[s]["dev"]) for s in "01"))
-    assert args("skd (student-rank)")["weights"] == pytest.approx(sampler.teacher_rank(alone))
-    others = {"uniform", "ensemble", "skd (teacher-rank)", "skd (student-rank)"}
-    assert set(result["learned"]["auto"]["vs"]) >= others
-
-
-def test_bench_helpful_spread_and_learned_stats(tiny_bench):
-    argv, out, result = tiny_bench
-    assert set(result["learned"]) == {"auto", "auto (slr1)"}
-    learned = result["learned"]["auto"]
-    assert len(learned["reward"]) == 7
-    assert len(learned["tau_phase1"]) == 2 and len(learned["harmful_z"]) == 2
-    assert 0 <= learned["share"]["drawn"][0] <= 1 and 0 <= learned["share"]["every"][0] <= 1
-    helpful = ["base", "L6-s1", "L6-s2", "L4", "L3"]  # the spread of their students, by hand
-    singles_dev = [[glue_data.score(result["runs"][f"single ({n})"][s]["dev"]) for s in "01"]
-                   for n in helpful]
-    means = np.mean(singles_dev, axis=1)
-    pooled_sd = np.sqrt(np.mean(np.var(singles_dev, axis=1, ddof=1)))
-    spread = result["helpful_spread"]
-    assert spread["best_minus_worst"] == pytest.approx(means.max() - means.min())
-    assert spread["seed_sd"] == pytest.approx(pooled_sd)
-    table = open(os.path.join(out, "MRPC-transfer.md")).read()
-    assert f"best minus worst {100 * spread['best_minus_worst']:.1f} points" in table
-    mean_tau = sum(learned["tau_phase1"]) / 2
-    last_seed = f"{learned['tau_phase1'][1]:+.2f} / {learned['tau_final'][1]:+.2f}"
-    assert f"{last_seed} | {mean_tau:+.2f} |" in table
-
-
-def test_bench_team_data_and_the_contradicting_teacher(tiny_bench):
-    argv, out, result = tiny_bench
-    folder = lambda n: os.path.join(out, "MRPC", "teachers", n)
-    teacher = lambda n: AutoModelForSequenceClassification.from_pretrained(folder(n)).eval()
-    ids = torch.tensor([[2, 7, 12, 3]])
-    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad():  # the contradicting teacher swaps L6-s1's two outputs
-        contra = teacher("L6-contra")(**x).logits
-        assert torch.allclose(contra, teacher("L6-s1")(**x).logits.flip(-1))
-    read = lambda *path: open(os.path.join(out, "MRPC", *path, "MRPC", "train.tsv")).read()
-    shuffled = read("shuffled").splitlines()
-    limited = read("data").splitlines()
-    assert len(limited) == 41
-    assert sorted(l.split("\t")[0] for l in shuffled) == sorted(l.split("\t")[0] for l in limited)
-
-
-def test_bench_reuses_runs_whatever_the_team_order(tiny_bench):
-    """A rerun reuses every run; with the team listed in another order, each figure stays with its
-    teacher."""
-    import bench
-    import unittest.mock
-    argv, out, result = tiny_bench
-    with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.TEAM.items())))):
-        bench.main(argv)
-    again = json.load(open(os.path.join(out, "MRPC-transfer.json")))
-    for row in ("auto", "auto (slr1)"):
-        first, second = result["learned"][row], again["learned"][row]
-        order = list(again["ground_truth"])  # the teachers in the second run's order
-        at = [order.index(n) for n in result["ground_truth"]]
-        assert list(result["ground_truth"]) != list(again["ground_truth"])
-        assert first["phase1_p"] == pytest.approx([second["phase1_p"][i] for i in at])
-        reward_second = [x for i in at for x in second["reward"][i]]
-        assert [x for mse in first["reward"] for x in mse] == pytest.approx(reward_second)
-        same = ("harmful_discarded", "ineffective_discarded", "tau_phase1", "seed_tau")
-        assert [first[k] for k in same] == [second[k] for k in same]
-
-
-def test_bench_pilot_and_selection(tiny_bench):
-    import bench
-    argv, out, result = tiny_bench
-    bench.main(argv + ["--pilot"])
-    pilot = open(os.path.join(out, "MRPC-pilot.md")).read()
-    assert "| 2 layers |" in pilot and "| 4 layers |" in pilot
-    assert "| none | base | L6-s1 |" in pilot
-    assert os.path.isfile(os.path.join(out, "MRPC", "pilot-L4-base", "metrics.json"))
-    bench.main(argv + ["--selection"])  # the auto row's runs are reused; the team of three runs anew
-    rows = json.load(open(os.path.join(out, "MRPC-selection.json")))
-    teams = [(r["team"], r["seed"]) for r in rows]
-    assert teams == [("team", 0), ("team", 1)] + [("three", s) for s in range(5)]
-    logged = json.load(open(os.path.join(out, "MRPC", "auto-seed0", "distribution.json")))
-    assert list(rows[0]["teachers"].values()) == logged["selection"]
-    assert all(sorted(r["teachers"]) == sorted(bench.THREE) for r in rows[2:])
-    assert all(sum(t["kept"] for t in r["teachers"].values()) == 2 for r in rows[2:])
-    assert "| three | 4 |" in open(os.path.join(out, "MRPC-selection.md")).read()
-    three = json.load(open(os.path.join(out, "MRPC", "auto-three-seed0", "distribution.json")))
-    for key in bench.AUDITS:
-        assert len(three[key]) == len(three["phase1"]) and len(three[key][0]) == 3
-        assert all(-1 <= r["tau_" + key] <= 1 and r["harmful_z_" + key] == r["harmful_z_" + key] for r in rows[2:])
-
-
-@pytest.mark.parametrize("reach", ["student", "output"])
-def test_bench_audit_measures_the_reward_the_run_uses(workdir, tmp_path, reach):
-    """The audit changes nothing the run computes, and measures what it says: on a student without
-    dropout, its whole-student values are the rewards a whole-student run logs, bit for bit, and its
-    output-layer values those an output-layer run logs."""
-    import bench
-    student = make_tiny_bert(str(tmp_path / "nodrop"), layers=3, dropout=0.0)
-    argv = FAST + ["--student", student, "--reward_reach", reach, "--cache_dir", os.path.join(workdir, "cache")]
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        bench.audited_run(argv + ["--out_dir", f"runs/audited-{reach}"])
-        bench.run(argv + ["--out_dir", f"runs/plain-{reach}"])
-    finally:
-        os.chdir(old)
-    audited, plain = (json.load(open(os.path.join(workdir, f"runs/{r}-{reach}/distribution.json")))
-                      for r in ("audited", "plain"))
-    audit = {key: audited.pop(key) for key in bench.AUDITS}
-    assert audited == plain
-    logged = [r for _, r in plain["rewards"][:len(plain["phase1"])]]
-    assert all(len(values) == len(logged) for values in audit.values())
-    if reach == "student":
-        assert audit["whole_student"] == logged
-        assert not np.allclose(audit["output_no_dropout"], logged, rtol=1e-2)
-    else:  # the same sums from a forward without dropout and one with dropout 0
-        assert np.allclose(audit["output_no_dropout"], logged, rtol=1e-5, atol=0)
-        assert not np.allclose(audit["whole_student"], logged, rtol=1e-2)
-
-
-def test_bench_reuses_a_run_at_flags_its_strategy_never_reads(workdir):
-    """Only auto reads --lookahead_share: a uniform run made at another value is the same run and is
-    reused, an auto run is not; bench.py gives an auto run at a share it was given its own folder."""
-    import bench
-    argv = FAST + ["--cache_dir", os.path.join(workdir, "cache")]
-    old = os.getcwd()
-    os.chdir(workdir)
-    uniform = argv + ["--strategy", "uniform", "--out_dir", "runs/reuse-uniform"]
-    auto = argv + ["--strategy", "auto", "--out_dir", "runs/reuse-auto"]
-    half = ["--lookahead_share", "0.5"]
-    try:
-        first = bench.run(uniform)
-        assert bench.run(uniform + half) == first
-        bench.run(auto)
-        with pytest.raises(ValueError, match="--lookahead_share"):
-            bench.run(auto + half)
-    finally:
-        os.chdir(old)
-    a = bench.parse_args(["--task", "RTE", "--base_model", "m"] + half)
-    for strategy, name, folder in [("auto", "auto-seed0", "auto-seed0-share0.5"),
-                                   ("none", "none-seed0", "none-seed0")]:
-        argv = bench.run_argv(a, "w", "d", strategy, name, [], 0)
-        assert argv[argv.index("--out_dir") + 1] == os.path.join("w", folder)
-        assert argv[argv.index("--lookahead_share") + 1] == "0.5"
-
-
-def test_bench_teacher_share_of_reward_variance():
-    import bench
-    rng = np.random.default_rng(0)
-    drawn = rng.integers(0, 3, 60)
-    rewards = rng.normal(size=60) + 0.5 * drawn
-    d = {"teachers": ["a", "b", "c"], "phase1": [None] * 50,
-         "rewards": [[int(k), float(r)] for k, r in zip(drawn, rewards)]}  # the last 10 are phase-2
-    k, r = drawn[:50], rewards[:50]
-    within = sum(((r[k == j] - r[k == j].mean()) ** 2).sum() for j in range(3))
-    share, chance = bench.teacher_share({0: d})["drawn"]
-    assert share == pytest.approx(1 - within / ((r - r.mean()) ** 2).sum()) and chance == pytest.approx(2 / 49)
-    d["rewards"] = [[j % 2, 1.0 if j % 2 else -1.0] for j in range(50)]  # the teacher decides the reward
-    assert bench.teacher_share({0: d}) == {"drawn": pytest.approx((1.0, 2 / 49))}
-    assert bench.teacher_share({0: {"teachers": [], "phase1": []}}) == {}
-    # Every teacher scored at every step: two-way layout (steps x teachers), with numpy.
-    V = rng.normal(size=(50, 3)) + rng.normal(size=(50, 1)) * 5 + np.array([0.0, 0.3, -0.2])  # batch noise + teacher effect
-    d["rewards"] = [[int(j % 3), v.tolist()] for j, v in enumerate(V)]
-    left = V - V.mean(1, keepdims=True)
-    expected = 50 * (left.mean(0) ** 2).sum() / (left ** 2).sum()
-    assert bench.teacher_share({0: d})["every"] == pytest.approx((expected, 1 / 50))
-    assert bench.teacher_share({0: d})["drawn"][0] == pytest.approx(
-        bench.teacher_share({0: dict(d, rewards=[[k, r[k]] for k, r in d["rewards"]])})["drawn"][0])
-
-
-def test_bench_kendall_tau_and_gap_against_hand_worked_values():
-    import bench
-    assert bench.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((5 - 1) / 6)  # one discordant pair of 6
-    assert bench.kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(5 * 6))  # tau-b, a tie in x
-    assert bench.kendall_tau([3, 2, 1], [1, 2, 3]) == -1.0
-    assert bench.kendall_tau(np.array([1.0, 2.0, 3.0]), [1, 3, 2]) == pytest.approx(1 / 3)  # numpy
-    a, b = [1.0, 2.0, 4.0, 3.0], [0.5, 1.0, 2.5, 3.5]
-    d = np.array(a) - np.array(b)
-    assert bench.gap_z(a, b, True) == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
-    se = math.sqrt(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 4)
-    assert bench.gap_z(a, b, False) == pytest.approx((np.mean(a) - np.mean(b)) / se)
-
-
-def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
-    import bench
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.2]])
-    labels = [0, 0, 1]  # right, wrong, right
-    fit = bench.teacher_fit(logits, labels, 2.0)
-    # at T = 2 the right label's probability is 1 / (1 + exp(-(z_right - z_other) / 2))
-    right = [1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-0.1))]
-    assert fit["accuracy"] == pytest.approx(2 / 3)
-    assert fit["right_label_p"] == pytest.approx(sum(right) / 3)
-    assert bench.teacher_fit(torch.zeros(3, 1), [0.5, 1.0, 2.0], 2.0) is None  # regression
-    argv, out, result = tiny_bench
-    assert set(result["teacher_fit"]) == set(result["teacher_scores"])
-    l6, contra = result["teacher_fit"]["L6-s1"], result["teacher_fit"]["L6-contra"]
-    assert contra["right_label_p"] == pytest.approx(1 - l6["right_label_p"])  # its outputs swapped
-    assert (40 * l6["accuracy"]) == pytest.approx(round(40 * l6["accuracy"]))  # the 40 train rows
-    table = open(os.path.join(out, "MRPC-transfer.md")).read()
-    base = result["teacher_fit"]["base"]
-    assert f"| {100 * base['accuracy']:.1f} | {base['right_label_p']:.3f} |" in table
-    names = list(result["ground_truth"])  # the dev scores' ranking against the ground truth
-    truth = [result["ground_truth"][n] for n in names]
-    scores = [result["teacher_scores"][n] for n in names]
-    tau = bench.kendall_tau(truth, scores)  # (nan where the tiny teachers all score alike)
-    assert result["teacher_score_tau"] == pytest.approx(tau, nan_ok=True)
-    assert f"with the ground truth: {result['teacher_score_tau']:+.2f}." in table
-    seeds = [[glue_data.score(result["runs"][f"single ({n})"][s]["dev"]) for n in names]
-             for s in "01"]  # two seeds: each one's "other seeds" are the other one
-    tau = bench.kendall_tau(seeds[0], seeds[1])
-    assert result["ground_truth_tau"] == pytest.approx([tau, tau], nan_ok=True)
-    assert f"other seeds' mean, per seed: {tau:+.2f}, {tau:+.2f}" in table
-
-
-def test_bench_ground_truth_tau_against_hand_worked_values():
-    import bench
-    # three teachers' students, seeds 0, 1, 2 (binary fractions: the means and their ties exact)
-    scores = {"a": [1, .5, .75], "b": [.75, .75, .5], "c": [.25, .375, .375]}
-    runs = {}  # {row: {seed: metrics}}, as bench.py keeps them
-    for name, per_seed in scores.items():
-        runs[f"single ({name})"] = {s: {"dev": {"dev": {"accuracy": x}}}
-                                    for s, x in enumerate(per_seed)}
-    # seed 0 ranks a > b > c; the others' means: a .625, b .625, c .375 (a tie in the second list)
-    # seed 1 ranks b > a > c; the others' means: a .875, b .625, c .3125
-    # seed 2 ranks a > b > c; the others' means: a .75, b .75, c .3125 (a tie again)
-    taus = bench.ground_truth_tau(runs, ["a", "b", "c"])
-    assert taus == pytest.approx([2 / math.sqrt(3 * 2), 1 / 3, 2 / math.sqrt(3 * 2)])
-    one_seed = {row: {0: r[0]} for row, r in runs.items()}
-    assert bench.ground_truth_tau(one_seed, ["a", "b", "c"]) == []
-
-
-def test_bench_resumes_a_killed_run(workdir, monkeypatch):
-    import bench
-    real, calls = kd.kd_loss, []
-
-    def loss(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    argv = FAST + ["--strategy", "ensemble", "--save_every", "2", "--out_dir", os.path.join(workdir, "runs/bench-kill")]
-    monkeypatch.chdir(workdir)
-    monkeypatch.setattr(kd, "kd_loss", loss)
-    with pytest.raises(KeyboardInterrupt):
-        bench.run(argv)
-    monkeypatch.setattr(kd, "kd_loss", real)
-    assert bench.run(argv)["strategy"] == "ensemble"
-    assert "resuming final at epoch 1, batch 2" in open(os.path.join(workdir, "runs/bench-kill/run.log")).read()
-    assert bench.run(argv + ["--save_every", "5"])["strategy"] == "ensemble"  # reused as it is
-    other = r"runs/bench-kill holds a run made with other flags \(--alpha\)"
-    with pytest.raises(ValueError, match=other):
-        bench.run(argv + ["--alpha", "0.25"])  # not reused: it would answer another question
-
-
-def test_bench_first_run_serves_each_recipe_name_with_its_configuration(tiny_bert, tmp_path):
-    """--first_run's local hub: every hub name of a recipe loads offline, as a BERT of the shape its
-    name gives (layers, hidden size, heads; feed-forward 4x) with the tokenizer given."""
-    import bench
-    recipe = teachers.Recipe({"a": ("google/bert_uncased_L-2_H-16_A-2", 1e-3)}, epochs=lambda task: 1,
-                             student="google/bert_uncased_L-1_H-8_A-2")
-    bench.recipe_hub(str(tmp_path), recipe, tiny_bert)
-    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
-    code = ("from transformers import AutoConfig, AutoTokenizer\n"
-            "for n in ['google/bert_uncased_L-2_H-16_A-2', 'google/bert_uncased_L-1_H-8_A-2']:\n"
-            "    c = AutoConfig.from_pretrained(n)\n"
-            "    print(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,"
-            " AutoTokenizer.from_pretrained(n).vocab_size)\n")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert p.stdout.split("\n")[:2] == [f"2 16 2 64 {5 + len(WORDS)}", f"1 8 2 32 {5 + len(WORDS)}"], p.stderr
-
-
-def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
-    import bench
-    monkeypatch.setattr(bench, "in_fresh_process", bench.measured)  # (spawning 6 processes is slow here)
-    write_task(str(tmp_path / "glue"), "MRPC", n_train=64, n_dev=16)
-    out = str(tmp_path / "results")
-    bench.main(["--speed", "--task", "MRPC", "--base_model", tiny_bert, "--data_dir", str(tmp_path / "glue"),
-                "--student_layers", "1", "--epochs", "1", "--train_limit", "48", "--out", out])
-    result = json.load(open(os.path.join(out, "speed-cpu.json")))
-    assert len(result["ratios"]) == 12 and all(v > 0 for v in result["ratios"].values())
-    assert "final_step_s" in result["runs"]["single, transfer set"]
-    assert result["train_examples"] == 48 and result["padding_sorted"] <= result["padding_unsorted"]
-    assert set(result["runs"]["auto, 8 teachers"]) >= {"phase1_step_s", "phase2_step_s", "final_step_s", "peak_mib"}
-    table = open(os.path.join(out, "speed-cpu.md")).read()
-    assert "| phase-1 step, lookahead through the output layer (default) / fine-tuning step |" in table
-    assert "| auto, 8 teachers (default) |" in table
-    assert [n for n, r in result["runs"].items() if r["default"]] == ["auto, 8 teachers"]
-    assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
-    assert 0 < result["no_grad_forward_s"] < result["fine_tune_step_s"] and "without gradients" in table
-    assert result["runs"]["auto, 8 teachers, whole student, share 0.25"]["phase1_step_s"] > 0

@@ -1,7 +1,7 @@
 """Pin behaviour across a restructuring: the same tiny runs must write the same outputs.
 
-    python pin_outputs.py                 # this working tree against HEAD
-    python pin_outputs.py --against REV   # ... against any commit
+    python -m bench.pin_outputs                 # this working tree against HEAD
+    python -m bench.pin_outputs --against REV   # ... against any commit
 
 It checks REV out into a temporary git worktree, makes tiny data (RTE and STS-B in their published
 formats) and a local hub holding tiny checkpoints under the small recipe's names, then runs the same
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 FAST = ["--student_layers", "1", "--epochs", "1", "--batch_size", "16", "--lr", "1e-3"]
 TEAM = "teachers/RTE"
 RECIPE_TEACHERS = ["L-4_H-256", "L-4_H-512", "L-8_H-512"]
@@ -85,7 +85,7 @@ except KeyboardInterrupt:
 
 def make_world(root):
     """Tiny data and a local hub, shared by both trees: (env, the hub name a student comes from)."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     import teachers
     from test_all import fake_hub_home, write_task  # the suite's tiny checkpoints and data
     recipe = teachers.RECIPES["small"]
@@ -97,7 +97,7 @@ def make_world(root):
     return env, recipe.student
 
 
-def run_all(tree, work, data, env, hub_student):
+def run_tree(tree, work, data, env, hub_student):
     """Every run of runs() with the code in tree, in the folder work; returns the failures."""
     os.makedirs(work)
     os.symlink(data, os.path.join(work, "glue_data"))
@@ -166,24 +166,24 @@ def differences(a, b, where=""):
     return []
 
 
-def main():
+def check_outputs():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--against", default="HEAD", help="the commit whose outputs are the reference")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
         old = os.path.join(root, "before")
-        subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", old, a.against],
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", old, a.against],
                        check=True, capture_output=True)
         try:
             env, hub_student = make_world(root)
             data = os.path.join(root, "data")
-            trees = {"before": old, "after": HERE}
+            trees = {"before": old, "after": ROOT}
             with ThreadPoolExecutor(2) as pool:  # the two trees side by side, one thread each
-                jobs = {side: pool.submit(run_all, tree, os.path.join(root, "work-" + side), data,
+                jobs = {side: pool.submit(run_tree, tree, os.path.join(root, "work-" + side), data,
                                           env, hub_student) for side, tree in trees.items()}
                 failures = [f for job in jobs.values() for f in job.result()]
         finally:
-            subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", old], check=True)
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", old], check=True)
         if failures:
             sys.exit("\n".join(failures))
         folders = [out_dir for out_dir, _, _ in runs(hub_student)]
@@ -200,4 +200,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    check_outputs()
