@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=N distill.py --task RTE   # data-parallel: nccl on GPUs, gloo on CPUs
 
 The second command fine-tunes one teacher. The method reads top-down to the banner "the command"
-(arguments, data, the team, saving and resume lie below it). Each step draws ONE teacher
+(below it: the command, and the plumbing the method calls by name). Each step draws ONE teacher
 k ~ Categorical(p) and distils from it alone (Teaching, train). Phase-1 learns p over the team,
 teacher selection discards the ineffective teachers, phase-2 refines p over the kept ones, each
 step moving theta_k alone by a reward on held-out TRAINING examples, never dev (autoskd, the
@@ -34,33 +34,33 @@ from sampler import TeacherSampler, check_keep, check_skd_weights, teacher_rank
 # ------------------------------------------------------------------------- each strategy's teaching
 @dataclass
 class Teaching:
-    """What a strategy teaches with. Each step draws k ~ Categorical(p) and distils from soft[k]
-    (auto, uniform, skd; single: a team of one), or from the team's mean (ensemble); with no team
-    (none: fine-tuning) the labels alone teach."""
-    soft: torch.Tensor  # [K, N, C]: each teacher's soft targets at temperature T (K = 0: no team)
-    sampler: TeacherSampler  # p over the K teachers
+    """What a strategy teaches with, and how a step uses it (per_step): it distils from "one"
+    teacher k drawn from p (auto, uniform, skd; single: a team of one), from the team's "mean"
+    (ensemble), or from the "labels" alone (none: fine-tuning, no team)."""
+    soft: torch.Tensor  # [K, N, C]: each teacher's soft targets at temperature T; "mean": [1, N, C]
+    sampler: TeacherSampler  # p over the team's K teachers
+    per_step: str = "one"
     learn_p: bool = False  # auto: phases 1-2 learn p before the final student
-    mean: torch.Tensor = None  # ensemble: [N, C], the team's mean soft targets
 
     def draw(self):
-        """This step's teacher k and the soft targets it teaches, [N, C]: (k, soft[k]); the
-        ensemble's (None, its mean); with no team (None, None), the labels alone."""
-        if self.mean is not None:
-            return None, self.mean
-        if len(self.soft) == 0:
-            return None, None
-        k = self.sampler.sample()  # k ~ Categorical(p)
-        return k, self.soft[k]
+        """Return this step's teacher k and its soft targets [N, C], each None if there is none."""
+        if self.per_step == "one":
+            k = self.sampler.sample()  # k ~ Categorical(p)
+            return k, self.soft[k]
+        if self.per_step == "mean":
+            return None, self.soft[0]
+        return None, None
 
 def teach(args, team, device):
-    """Each strategy's Teaching from the team (a list of teachers.Teacher), in one place."""
+    """Return each strategy's Teaching of the team (teachers.Teacher objects), in one place."""
     names = [t.name for t in team]
     sampler = TeacherSampler(names, lr=args.sampler_lr, seed=args.seed, warmup=args.sampler_warmup)
     if not team:
-        return Teaching(torch.empty(0), sampler)  # none: fine-tuning
+        return Teaching(torch.empty(0), sampler, per_step="labels")  # none: fine-tuning
     soft = torch.stack([model.soft_targets(t.train, args.temperature) for t in team]).to(device)
     if args.strategy == "ensemble":
-        return Teaching(soft, sampler, mean=soft.mean(0))  # p stays uniform: the equal shares
+        mean = soft.mean(0, keepdim=True)  # [1, N, C]; p stays uniform: the equal shares
+        return Teaching(mean, sampler, per_step="mean")
     if args.strategy == "skd":  # SKDBERT: a fixed p, p_k = w_k / sum_j w_j
         weights = args.weights or teacher_rank([glue_data.score(t.dev_metrics) for t in team])
         sampler.theta = torch.tensor(weights, dtype=torch.float64).log()
@@ -87,34 +87,33 @@ def autoskd(run, resume, base, teaching, keep):
         steps2 = count_steps(a.phase2_epochs, len(train_idx), a.batch_size)
         print(f"AutoSKD: phase-1 {steps1} steps, teacher selection, phase-2 {steps2} steps; then:")
         epochs = a.phase1_epochs + a.phase2_epochs
-        student = new_student(run, base, epochs, len(train_idx))
-        train(run, resume, "phase1", student, a.phase1_epochs, train_idx, teaching, reward)
+        trainee = new_student(run, base, epochs, len(train_idx))
+        train(run, resume, "phase1", trainee, a.phase1_epochs, train_idx, teaching, reward)
         teaching.sampler.select_teachers(keep)  # teacher selection, by the phase-1 evidence
         teaching.sampler.show_selection()
-        train(run, resume, "phase2", student, a.phase2_epochs, train_idx, teaching, reward)
+        train(run, resume, "phase2", trainee, a.phase2_epochs, train_idx, teaching, reward)
     # The final student: p frozen, no reward.
     steps = count_steps(a.epochs, len(everything), a.batch_size)
     print(f"{run.shown['final']}: {a.epochs} epoch(s), {steps} steps")
-    student = new_student(run, base, a.epochs, len(everything))
-    train(run, resume, "final", student, a.epochs, everything, teaching)
-    return student.model
+    trainee = new_student(run, base, a.epochs, len(everything))
+    train(run, resume, "final", trainee, a.epochs, everything, teaching)
+    return trainee.model
 
 # ------------------------------------------------------------------------------- the training loop
-def train(run, resume, phase, student, epochs, train_idx, teaching, reward=None):
-    """Train the student (a Student) for `epochs` over train_idx, indices into run's examples.
-    Every step: k ~ Categorical(p), the reward's look at the batch before the step (phases 1-2),
-    the KD loss on teacher k's soft targets, an AdamW step, and sampler.update(k, reward), which
-    moves theta_k alone."""
+def train(run, resume, phase, trainee, epochs, train_idx, teaching, reward=None):
+    """Train the student for `epochs` over train_idx (indices into run's examples). Each step: k ~
+    Categorical(p), the reward's look before the step (phases 1-2), the KD loss on teacher k's soft
+    targets, an AdamW step, and sampler.update(k, reward), which moves theta_k alone."""
     a = run.args
     sampler = teaching.sampler
-    parts = dict(student=student.model, opt=student.opt, sched=student.sched, sampler=sampler,
+    parts = dict(student=trainee.model, opt=trainee.opt, sched=trainee.sched, sampler=sampler,
                  reward=reward)
-    start = resume.start(phase, parts)  # (epoch, batch, step) to go on from
-    if start is None:
+    at = resume.restore(phase, parts)  # (epoch, batch, step) to go on from
+    if at is None:
         return  # the phase had finished before the run was killed
-    first_epoch, skip, step = start
+    first_epoch, skip, step = at
     ema = None  # the loss shown and checked for NaN: a moving average over the phase
-    student.model.train()  # dropout on: from_pretrained hands over a model in eval mode
+    trainee.model.train()  # dropout on: from_pretrained hands over a model in eval mode
     for epoch in range(first_epoch, epochs + 1):
         began = run.clock()
         order_state = run.order.get_state()  # resume draws the epoch's batches again from it
@@ -126,31 +125,31 @@ def train(run, resume, phase, student, epochs, train_idx, teaching, reward=None)
                 continue  # a last batch too small to give every rank an example
             idx = train_idx[b].tolist()[run.rank::run.world]  # this rank's share of the batch
             k, soft_k = teaching.draw()  # k ~ Categorical(p)
-            lr = student.opt.param_groups[0]["lr"]
+            lr = trainee.opt.param_groups[0]["lr"]
             if reward:
-                reward.before(student.model, idx, step, lr, sampler.active)
+                reward.before(trainee.model, idx, step, lr, sampler.active)
             layer = reward.layer if reward else None  # whose features the reward reads
-            loss, seen = run.kd_loss(student.net, idx, soft_k, layer)
+            loss, seen = run.step_loss(trainee.net, idx, soft_k, layer)
             ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()
-            save = (step + 1) % a.save_every == 0
-            if run.device.type == "cpu" or bar.n % 50 == 0 or save or i == len(batches) - 1:
+            due = (step + 1) % a.save_every == 0  # a checkpoint after this step
+            if run.device.type == "cpu" or bar.n % 50 == 0 or due or i == len(batches) - 1:
                 check_loss(run, ema, bar, f"{run.shown[phase]} epoch {epoch} step {step + 1}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
-            student.opt.step()
-            student.sched.step()
-            student.opt.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), 1.0)
+            trainee.opt.step()
+            trainee.sched.step()
+            trainee.opt.zero_grad(set_to_none=True)
             if reward:
-                sampler.update(k, reward.after(student.model, step, seen))  # only theta_k moves
+                sampler.update(k, reward.after(trainee.model, step, seen))  # only theta_k moves
             step += 1
-            if save:
-                resume.save(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
-                            order=order_state)
+            if due:
+                resume.checkpoint(parts, phase=phase, epoch=epoch, batch=i + 1, step=step,
+                                  order=order_state)
         skip = 0
         run.count_time(phase, step, run.clock() - began)
-        evaluate(run, phase, epoch, student.model)
-        resume.save(parts, phase=phase, epoch=epoch + 1, batch=0, step=step,
-                    order=run.order.get_state())
+        evaluate(run, phase, epoch, trainee.model)
+        resume.checkpoint(parts, phase=phase, epoch=epoch + 1, batch=0, step=step,
+                          order=run.order.get_state())
 
 # ------------------------------------------------------------------------------------ the reward
 # The reward as plain functions of a student and tensors: copy them into any training loop.
@@ -174,12 +173,12 @@ def train(run, resume, phase, student, epochs, train_idx, teaching, reward=None)
 # --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
 # fine-tuning step's work). --reward step: see StepReward.
 def at_least_float32(x):
-    """x in float32 when it is in a narrower float (bf16 autocast), else as it is (float64)."""
+    """Return x in float32 if it is in a narrower float (bf16 autocast), else as it is."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
-    """dL_j/dz, [K, B, C]: the KD loss's gradient over the logits z [B, C] for every teacher's soft
-    targets soft [K, B, C]; labels [B]; labelled [B] bool (None: all labelled)."""
+    """Return dL_j/dz [K, B, C], the KD loss's gradient over the logits z [B, C] for each teacher's
+    soft targets in soft [K, B, C]. labels [B]; labelled [B] bool (None: all labelled)."""
     z = at_least_float32(z.detach()).requires_grad_()
     pulls = []
     with torch.enable_grad():
@@ -190,16 +189,18 @@ def teacher_pulls(z, labels, soft, temperature, alpha, labelled=None):
 
 @torch.no_grad()
 def heldout_output_grad(student, batch, labels):
-    """h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected error
-    E on held-out examples over the layer's weight and bias, from one forward without gradients,
-    dropout off. batch: {input name: [H, L]}; labels [H] (both moved to the layer's device)."""
+    """Return h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected
+    error E on held-out examples over the layer's weight and bias, from one forward without
+    gradients, dropout off. batch: {input name: [H, L]} and labels [H] go to the layer's device."""
     layer = output_layer(student)
     device = layer.weight.device
     batch = {name: x.to(device) for name, x in batch.items()}
     was_training = student.training
     student.eval()
-    u, z = features_and_logits(student, batch, layer)  # [H, d], [H, C]
-    student.train(was_training)
+    try:
+        u, z = features_and_logits(student, batch, layer)  # [H, d], [H, C]
+    finally:
+        student.train(was_training)
     with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
         dE_dz = model.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
         h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
@@ -207,8 +208,8 @@ def heldout_output_grad(student, batch, labels):
     return [h_W, h_b]
 
 def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled=None):
-    """Every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]: u [B, d] and z
-    [B, C] from features_and_logits; h from heldout_output_grad; the rest as lookahead_rewards."""
+    """Return every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]. u [B, d] and
+    z [B, C] come from features_and_logits, h from heldout_output_grad; the rest as below."""
     h_W, h_b = h
     with torch.autocast(z.device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
         u = u.detach().to(torch.promote_types(u.dtype, h_W.dtype))
@@ -217,10 +218,10 @@ def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled
     return lr * (pulls * jh).sum((1, 2))
 
 def heldout_grad(student, batch, labels):
-    """h: the gradient of the expected error E on held-out examples (model.expected_error_grad),
-    dropout off, over the trainable weights: a list of tensors in student.parameters() order, each
-    with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each use).
-    batch: {input name: [H, L]}; labels [H]."""
+    """Return h, the gradient of the expected error E on held-out examples (batch: {input name:
+    [H, L]}, labels [H]) over the trainable weights, dropout off: tensors in parameters() order,
+    each with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each
+    use)."""
     params = [p for p in student.parameters() if p.requires_grad]
     was_training = student.training
     student.eval()
@@ -231,10 +232,10 @@ def heldout_grad(student, batch, labels):
     return list(h)
 
 def lookahead_rewards(student, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
-    """Every teacher's r_j = lr * <J h, dL_j/dz> on the batch through every trainable weight, [K].
-    batch: {input name: [B, L]}; labels [B]; soft [K, B, C]: every teacher's soft targets
-    (model.soft_targets); h from heldout_grad; labelled [B] bool, False for transfer examples
-    (None: all labelled)."""
+    """Return every teacher's r_j = lr * <J h, dL_j/dz> through every trainable weight, [K], on
+    batch ({input name: [B, L]}, labels [B]), with soft [K, B, C] the teachers' soft targets and h
+    from heldout_grad. labelled [B] bool is False for transfer examples (None: all
+    labelled)."""
     trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # as in h
     names = [n for n, _ in trained]
     weights = tuple(p.detach() for _, p in trained)
@@ -253,9 +254,9 @@ def lookahead_rewards(student, batch, labels, soft, h, lr, temperature, alpha, l
     return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
 
 class LookaheadReward:
-    """--reward lookahead: every teacher's r_j on the step's batch (K floats, the mean over ranks),
-    h measured anew every --probe_every steps; with --lookahead_share below 1, on the rows where
-    the teachers in play differ most."""
+    """The reward of --reward lookahead scores every teacher's r_j on the step's batch (K floats,
+    the mean over ranks), with h measured anew every --probe_every steps; with --lookahead_share
+    below 1, on the rows where the teachers in play differ most."""
 
     def __init__(self, run, heldout, soft):
         self.run = run
@@ -268,13 +269,13 @@ class LookaheadReward:
         self.values = None  # reach student: the step's r_j
 
     def before(self, student, idx, step, lr, active):
-        """Before the step on the batch idx (active: K bools, the teachers in play)."""
+        """Look at the batch idx before the step (active: K bools, the teachers in play)."""
         run, a = self.run, self.run.args
         if step % a.probe_every == 0 or self.h is None:
-            inputs, labels, n = self.heldout.batch(step)
-            measure = heldout_output_grad if self.reach == "output" else heldout_grad
+            inputs, labels, n = self.heldout.at(step)
+            gradient = heldout_output_grad if self.reach == "output" else heldout_grad
             with run.autocast():
-                self.h = run.reduce_mean(measure(student, inputs, labels), n)
+                self.h = run.reduce_mean(gradient(student, inputs, labels), n)
         rows = list(range(len(idx)))
         m = math.ceil(a.lookahead_share * len(idx))
         if m < len(idx):
@@ -291,7 +292,7 @@ class LookaheadReward:
         self.values = run.reduce_mean(values * share, 1).tolist()  # [K], as DDP averages gradients
 
     def after(self, student, step, seen):
-        """The step's rewards, [K]; seen: (u [B, d], z [B, C]) of the step's forward at layer."""
+        """Return the step's rewards [K]; seen is (u [B, d], z [B, C]) of its forward at layer."""
         if self.reach == "student":
             return self.values
         run = self.run
@@ -309,8 +310,8 @@ class LookaheadReward:
         self.h = state["h"]
 
 class StepReward:
-    """--reward step: the drawn teacher's alone (a float), the held-out loss before its step minus
-    after it, measured on the same held-out batch (a new one every --probe_every steps)."""
+    """The reward of --reward step scores the drawn teacher alone (a float): the held-out loss
+    before its step minus after it, on one held-out batch (a new one every --probe_every steps)."""
     layer = None  # no features from the step's forward
 
     def __init__(self, run, heldout, soft):
@@ -320,12 +321,13 @@ class StepReward:
 
     @torch.no_grad()
     def measure(self, student, step):
-        """The hard-label loss on the step's held-out batch, dropout off (the mean over ranks)."""
-        inputs, labels, n = self.heldout.batch(step)
+        """Return the hard-label loss on the step's held-out batch, dropout off, mean over ranks."""
+        inputs, labels, n = self.heldout.at(step)
+        was_training = student.training
         student.eval()
         with self.run.autocast():
             loss = model.kd_loss(student(**inputs).logits.float(), labels)  # [H, C] logits
-        student.train()
+        student.train(was_training)
         return float(self.run.reduce_mean(loss, n))
 
     def before(self, student, idx, step, lr, active):
@@ -347,13 +349,15 @@ class StepReward:
 REWARDS = {"lookahead": LookaheadReward, "step": StepReward}  # by --reward
 
 # ==================================================================================================
-# The command: arguments, data, the team, a recipe's teachers, saving and resume. The method is
-# above this banner, whole.
+# The command: arguments, data, the team, a recipe's teachers, saving. And the plumbing the method
+# calls by name: the run's data and batches (Run), a fresh student (new_student), what the reward
+# reads (output_layer, features_and_logits, HeldOut), resume (Resume).
 # ==================================================================================================
 STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
 
 def parse_args(argv=None):
+    """Read the command's flags (argv: a list, default sys.argv) and check their ranges."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, help="GLUE task: " + ", ".join(glue_data.TASKS))
     p.add_argument("--data_dir", default="glue_data", help="folder with <TASK>/train.tsv, dev.tsv")
@@ -386,7 +390,8 @@ def parse_args(argv=None):
     return a
 
 def add_training_flags(p):
-    """How the students train: budget, KD loss, sampler and reward; seed, outputs, resume."""
+    """Add the flags of how the students train: budget, KD loss, sampler and reward, seed,
+    outputs and resume."""
     p.add_argument("--epochs", type=int, default=3, help="epochs of the final (reported) training")
     p.add_argument("--phase1_epochs", type=int, default=1)
     p.add_argument("--phase2_epochs", type=int, default=1)
@@ -412,19 +417,19 @@ def add_training_flags(p):
     p.add_argument("--predict_test", action="store_true", help="write test predictions for GLUE")
 
 def main(args):
-    """The command: the data, the team (a --team recipe fine-tuned first when there is none), the
-    student distilled and saved."""
-    start = time.time()
+    """Run the command: read the data, choose the team (a --team recipe is fine-tuned first when
+    there is none), then distil the student and save it."""
+    started = time.time()
     if finished_already(args):
         return
     data, transfer, test = read_data(args)
     names, base = choose_models(args, data)
-    distil_and_save(args, data, names, base, transfer, test, start)
+    distil_and_save(args, data, names, base, transfer, test, started)
 
 def read_data(args):
-    """Every file the run reads, before anything long starts, so that a bad row stops it at once:
-    train and dev ({split: Examples}), the transfer set (None without --transfer) and the test
-    splits (empty without --predict_test)."""
+    """Read every file the run needs before anything long starts, so that a bad row stops it at
+    once. Returns train and dev ({split: Examples}), the transfer set (None without --transfer)
+    and the test splits (empty without --predict_test)."""
     glue_data.fetch_missing(args.task, args.data_dir)
     data = glue_data.load_task(args.data_dir, args.task)
     transfer = None
@@ -435,9 +440,9 @@ def read_data(args):
     test = glue_data.load_task(args.data_dir, args.task, test=True) if args.predict_test else {}
     return data, transfer, test
 
-def distil_and_save(args, data, names, base, transfer, test, start, title=None):
+def distil_and_save(args, data, names, base, transfer, test, started, title=None):
     """Distil base's bottom layers from the teachers in names with args.strategy (no teachers: plain
-    fine-tuning), predict the test splits and save everything. start is time.time() when the
+    fine-tuning), predict the test splits and save everything. started is time.time() when the
     command began; title is what progress calls the training (default: student, or fine-tune)."""
     check_skd_weights(args.weights, names, args.strategy)
     model.layers_to_keep(base, args.student_layers)  # fail now, not after the teachers have run
@@ -452,7 +457,7 @@ def distil_and_save(args, data, names, base, transfer, test, start, title=None):
         teacher_data = data | ({"transfer": transfer} if transfer else {})
         team = teachers.load_team(names, args.task, teacher_data, args.max_seq_len,
                                   args.cache_dir, run.device)
-    run.timings["teachers_s"] = time.time() - start
+    run.timings["teachers_s"] = time.time() - started
     teaching = teach(args, team, run.device)
     student = autoskd(run, resume, base, teaching, keep)
     student.eval()
@@ -464,16 +469,15 @@ def distil_and_save(args, data, names, base, transfer, test, start, title=None):
     t = run.clock()
     figures = teachers.beside_the_team(team, student, tokenizer, dev, args.max_seq_len, run.device)
     run.timings["table_s"] = run.clock() - t
-    run.timings["total_s"] = time.time() - start
+    run.timings["total_s"] = time.time() - started
     if run.rank == 0:  # rank 0 writes
-        save(run, student, team, teaching, predictions, figures)
+        save_outputs(run, student, team, teaching, predictions, figures)
         resume.finish()
     if run.world > 1:
         dist.barrier()  # the ranks end together: one torn down while another still runs can abort
 
 def finished_already(args):
-    """Whether --resume names a run that had finished: then there is nothing to do, and its results
-    are left alone."""
+    """Tell whether --resume names a run that had finished; its results are then left alone."""
     metrics = os.path.join(args.out_dir, "metrics.json")
     resumable = os.path.isfile(os.path.join(args.out_dir, "resume.pt"))
     finished = args.resume and os.path.isfile(metrics) and not resumable
@@ -482,8 +486,9 @@ def finished_already(args):
     return finished
 
 def choose_models(args, data):
-    """The teachers' checkpoints and the student's: --teachers or those found (a --team recipe may
-    be fine-tuned first), and --student, the recipe's student or the teachers' recorded base."""
+    """Return the teachers' checkpoints (--teachers, or those found; a --team recipe may be
+    fine-tuned first) and the student's (--student, the recipe's, or the teachers' recorded
+    base)."""
     if args.strategy == "none":
         if not args.student:
             raise ValueError("--strategy none fine-tunes --student: name a pretrained checkpoint "
@@ -518,9 +523,9 @@ def fine_tune(args, data, teacher, checkpoint, lr, epochs, batch_size, out):
     distil_and_save(teacher_args, data, [], checkpoint, None, {}, time.time(),
                     f"fine-tune {teacher}")
 
-def save(run, student, team, teaching, test, figures):
-    """The student with its model card, metrics.json, distribution.json and the test predictions,
-    each written whole or not at all; with a team, the table of the student beside it."""
+def save_outputs(run, student, team, teaching, test, figures):
+    """Write the student with its model card, metrics.json, distribution.json and the test
+    predictions, each whole or not at all, and print the student beside its team."""
     a = run.args
     out = a.out_dir
     model.save_student(student, run.tokenizer, out)
@@ -549,8 +554,8 @@ def save(run, student, team, teaching, test, figures):
 
 # ----------------------------------------------------------------- what the reward reads
 def output_layer(student):
-    """The layer whose output is the logits: the last nn.Linear with one output per label (BERT's
-    and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
+    """Return the layer whose output is the logits: the last nn.Linear with one output per label
+    (BERT's and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
     features_and_logits checks that its output is the logits."""
     n = getattr(student, "module", student).config.num_labels  # (DDP: the model is its .module)
     linears = [m for m in student.modules()
@@ -561,8 +566,8 @@ def output_layer(student):
     return linears[-1]
 
 def features_and_logits(student, batch, layer=None):
-    """(u [B, d], z [B, C]): what the output layer (default: output_layer(student)) reads, and the
-    logits of student(**batch)."""
+    """Return (u [B, d], z [B, C]): what the output layer (default: output_layer(student)) reads,
+    and the logits of student(**batch)."""
     layer = layer or output_layer(student)
     seen = []
     hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
@@ -591,19 +596,21 @@ class HeldOut:
                              f"processes: raise --probe_size or --heldout")
 
     def examples(self, step):
-        """The indices of the step's held-out batch, every rank's."""
+        """Return the indices of the step's held-out batch, every rank's."""
         n = step // self.run.args.probe_every
         return self.idx[self.batches[n % len(self.batches)]].tolist()
 
-    def batch(self, step):
-        """This rank's share of the step's held-out batch: ({input: [H, L]}, labels [H], H)."""
+    def at(self, step):
+        """Return this rank's share of the step's held-out batch: ({input: [H, L]}, labels [H],
+        H)."""
         mine = self.examples(step)[self.run.rank::self.run.world]
         inputs, i = self.run.batch(mine)
         return inputs, self.run.labels[i], len(mine)
 
 # ------------------------------------------------------------------------------- the run's data
 def init_distributed():
-    """(device, rank, world): one process per device under torchrun (nccl on GPUs, gloo on CPUs)."""
+    """Return (device, rank, world): one process a device under torchrun (nccl on GPUs, gloo on
+    CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -627,33 +634,33 @@ class Run:
         self.device, self.rank, self.world = init_distributed()
         # CPU time on CPU: a virtual machine's host may steal wall time
         self.clock = time.process_time if self.device.type == "cpu" else time.perf_counter
-        train = data["train"]
-        examples = glue_data.concat(train, transfer) if transfer else train
-        self.n_labelled = len(train)
+        labelled = data["train"]
+        examples = glue_data.concat(labelled, transfer) if transfer else labelled
+        self.n_labelled = len(labelled)
         self.enc = glue_data.encode(tokenizer, examples, args.max_seq_len)  # [N + M] token ids
         self.lengths = torch.tensor(glue_data.lengths(self.enc))  # [N + M]
-        labels = train.labels + [0] * (len(examples) - len(train))  # a transfer example's: unused
+        labels = labelled.labels + [0] * (len(examples) - len(labelled))  # transfer's: unused
         self.labels = torch.tensor(labels, device=self.device)  # [N + M] long; STS-B: float
-        self.labelled = torch.arange(len(examples), device=self.device) < len(train)  # [N + M]
+        self.labelled = torch.arange(len(examples), device=self.device) < len(labelled)  # [N + M]
         self.order = torch.Generator().manual_seed(args.seed)  # batch order
         self.history = []  # dev metrics, every epoch
         self.timings = {}  # timings (since this process started)
 
     def batch(self, idx):
-        """Examples idx on the device: ({token tensor name: [B, L]}, idx [B]); on GPU through pinned
-        memory, with no host sync."""
+        """Return examples idx on the device, ({token tensor name: [B, L]}, idx [B]); on GPU they go
+        through pinned memory, with no host sync."""
         b = glue_data.collate(self.tokenizer, self.enc, idx) | {"idx": torch.tensor(idx)}
         if self.device.type == "cuda":
             b = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()}
         return b, b.pop("idx")
 
     def autocast(self):
-        """bf16 autocast on GPU; nothing on CPU."""
+        """Return bf16 autocast on GPU, and a context that does nothing on CPU."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def kd_loss(self, net, idx, soft_k, layer=None):
-        """(the KD loss of net on the examples idx, seen); soft_k [N, C]: one teacher's soft targets
-        (None: the labels alone); seen: (u, z) at layer (features_and_logits), None without one."""
+    def step_loss(self, net, idx, soft_k, layer=None):
+        """Return the KD loss of net on the examples idx and what layer saw (u, z; None without a
+        layer). soft_k [N, C] is one teacher's soft targets (None: the labels alone)."""
         a = self.args
         b, i = self.batch(idx)
         seen = None
@@ -669,8 +676,8 @@ class Run:
                              self.labelled[i]), seen
 
     def reduce_mean(self, value, n):
-        """Mean over ranks of a per-rank mean of n examples: a tensor of any shape, or a list of
-        them (one all-reduce for all)."""
+        """Return the mean over ranks of a per-rank mean of n examples: of a tensor of any shape, or
+        of a list of them (one all-reduce for all)."""
         if self.world == 1:
             return value
         parts = value if isinstance(value, list) else [value]
@@ -682,13 +689,13 @@ class Run:
         return out if isinstance(value, list) else out[0]
 
     def count_time(self, phase, steps, seconds):
-        """The training steps' own time (no evaluation), for metrics.json."""
+        """Add the training steps' own time (no evaluation) to the timings metrics.json gets."""
         self.timings[phase + "_steps"] = steps
         self.timings[phase + "_steps_s"] = self.timings.get(phase + "_steps_s", 0) + seconds
 
 # ------------------------------------------------------------------------- a student in training
 @dataclass
-class Student:
+class Trainee:
     """A student in training: the model, what a step calls (the model, or its DDP wrapper under
     torchrun), its AdamW and its learning-rate schedule."""
     model: torch.nn.Module
@@ -697,8 +704,8 @@ class Student:
     sched: torch.optim.lr_scheduler.LambdaLR
 
 def new_student(run, base, epochs, n_train):
-    """A fresh student of base's bottom --student_layers layers, to train epochs over n_train
-    examples."""
+    """Return a fresh Trainee of base's bottom --student_layers layers, to train `epochs` over
+    n_train examples."""
     a = run.args
     torch.manual_seed(a.seed)  # the new head and dropout repeat with the seed
     labels = glue_data.get_task(a.task).labels
@@ -711,13 +718,14 @@ def new_student(run, base, epochs, n_train):
     opt = torch.optim.AdamW(fresh.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_then_decay(step, warmup, steps))
-    return Student(fresh, net, opt, sched)
+    return Trainee(fresh, net, opt, sched)
 
 def count_steps(epochs, n, batch_size):
+    """Return the optimizer steps of `epochs` over n examples."""
     return epochs * math.ceil(n / batch_size)
 
 def warmup_then_decay(step, warmup, total):
-    """The lr's factor: linear warm-up (non-zero from step 0), then linear decay to 0 at total."""
+    """Return the lr's factor: a linear warm-up (non-zero from step 0), then linear decay to 0."""
     return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
 def check_loss(run, ema, bar, where):
@@ -731,7 +739,7 @@ def check_loss(run, ema, bar, where):
     bar.set_postfix(loss=f"{value:.4g}", refresh=False)
 
 def evaluate(run, phase, epoch, student):
-    """Dev metrics, for reporting only, into run.history: {split: {metric: value}}."""
+    """Add the dev metrics, {split: {metric: value}}, to run.history: for reporting only."""
     a = run.args
     student.eval()
     dev = {}
@@ -752,15 +760,15 @@ class Resume:
         self.run = run
         self.path = os.path.join(run.args.out_dir, "resume.pt")
         glue_data.check_writable(run.args.out_dir, run.rank)
-        self.checkpoint = load_checkpoint(self.path, run) if run.args.resume else None
-        if self.checkpoint:
-            run.history = self.checkpoint["history"]
+        self.loaded = load_checkpoint(self.path, run) if run.args.resume else None
+        if self.loaded:
+            run.history = self.loaded["history"]
 
-    def start(self, phase, parts):
-        """(epoch, batch, step) where `phase` starts; None if it had finished before the run was
-        killed. The checkpoint's states go back into parts (the sampler's for finished phases
+    def restore(self, phase, parts):
+        """Return (epoch, batch, step) where `phase` starts, None if it had finished before the run
+        was killed. The checkpoint's states go back into parts (the sampler's for finished phases
         too)."""
-        r = self.checkpoint
+        r = self.loaded
         if r is None or PHASES.index(r["phase"]) < PHASES.index(phase):
             return 1, 0, 0
         parts["sampler"].load_state_dict(r["sampler"])
@@ -771,12 +779,12 @@ class Resume:
                 part.load_state_dict(r[name])
         self.run.order.set_state(r["order"])
         torch.set_rng_state(r["rng"][self.run.rank])
-        self.checkpoint = None
+        self.loaded = None
         print(f"resuming {phase} at epoch {r['epoch']}, batch {r['batch']}")
         return r["epoch"], r["batch"], r["step"]
 
-    def save(self, parts, **where):
-        """A checkpoint at `where` (phase, epoch, batch, step and the batch order's state)."""
+    def checkpoint(self, parts, **where):
+        """Write a checkpoint at `where` (phase, epoch, batch, step, the batch order's state)."""
         run = self.run
         rng = [torch.get_rng_state()] * run.world  # each rank's own (its dropout masks differ)
         if run.world > 1:
@@ -795,7 +803,7 @@ class Resume:
             os.remove(self.path)
 
 def load_checkpoint(path, run):
-    """The checkpoint --resume goes on from (None: none), refused if of other flags."""
+    """Return the checkpoint --resume goes on from (None: none); one of other flags is refused."""
     if not os.path.isfile(path):
         print(f"note: nothing to resume in {run.args.out_dir}; starting afresh")
         return None
@@ -811,16 +819,16 @@ def load_checkpoint(path, run):
     if r["world"] != run.world:
         raise ValueError(f"{path} was written by {r['world']} processes: resume with as many")
     if r.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} was written by an older version of distill.py: rerun without "
-                         f"--resume to start afresh")
+        raise ValueError(f"{path} was written by an older version of distill.py: delete it to "
+                         f"start afresh")
     return r
 
 CHECKPOINT_FORMAT = 2  # what resume.pt holds, and how: a checkpoint of another is refused
 FREE_FLAGS = ("resume", "save_every")  # flags that change nothing of what a run computes
 
 def differing_flags(these, those, free=FREE_FLAGS):
-    """The flags ({flag: value}, as vars(args)) whose values `these` and `those` do not share; a
-    flag one of them lacks (a newer flag) differs."""
+    """Return the flags ({flag: value}, as vars(args)) whose values `these` and `those` do not
+    share; a flag one of them lacks (a newer flag) differs."""
     flags = list(these) + [k for k in those if k not in these]
     return [k for k in flags if k not in free and these.get(k) != those.get(k)]
 

@@ -918,8 +918,8 @@ def test_a_transfer_set_is_distilled_on_and_none_ignores_it(workdir, monkeypatch
     examples stay labelled training examples); --strategy none has no teacher and leaves them out."""
     transfer = os.path.join(workdir, "glue_data", "RTE", "test.tsv")  # 29 rows, no labels
     trained, probed = set(), set()
-    real_loss, real_probe = distill.Run.kd_loss, distill.HeldOut.examples
-    monkeypatch.setattr(distill.Run, "kd_loss", lambda self, net, idx, soft_k, layer=None: trained.update(
+    real_loss, real_probe = distill.Run.step_loss, distill.HeldOut.examples
+    monkeypatch.setattr(distill.Run, "step_loss", lambda self, net, idx, soft_k, layer=None: trained.update(
         idx) or real_loss(self, net, idx, soft_k, layer))
     monkeypatch.setattr(distill.HeldOut, "examples", lambda self, step: probed.update(real_probe(self, step)) or
                         real_probe(self, step))
@@ -1209,7 +1209,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
     heldout, idx, lr = list(range(32, 40)), list(range(8)), 1e-6
     held, batch = trial.batch(heldout)[0], trial.batch(idx)[0]
 
-    def lookahead(h):  # the plain functions, as any trial calls them
+    def lookahead(h):  # the plain functions, as any loop calls them
         r = distill.lookahead_rewards(student, batch, trial.labels[idx], soft[:, idx], h, lr, 2.0, 0.5)
         return r.double().numpy()
 
@@ -1217,7 +1217,7 @@ def test_lookahead_reward_is_the_first_order_held_out_drop(tmp_path):
         if trained:
             opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
             for _ in range(100):
-                trial.kd_loss(student, list(range(32)), None)[0].backward()
+                trial.step_loss(student, list(range(32)), None)[0].backward()
                 opt.step()
                 opt.zero_grad()
         student.train(trained)  # either mode: the functions switch dropout off and restore the mode
@@ -1361,7 +1361,7 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
         a.lookahead_share = share
         reward.before(student, idx, 0 if share == 1 else 1, lr, [True] * 3)
         assert reward.layer is layer
-        loss, seen = trial.kd_loss(student, idx, soft[0], reward.layer)
+        loss, seen = trial.step_loss(student, idx, soft[0], reward.layer)
         loss.backward()  # (the step itself changes nothing of what was seen)
         got = torch.tensor(reward.after(student, 0, seen))
         rows = range(16) if share == 1 else model.where_teachers_differ(soft[:, idx], 4).tolist()
@@ -1432,8 +1432,8 @@ def test_every_training_step_runs_with_dropout(tmp_path, monkeypatch):
     """from_pretrained gives a model in eval mode: every step of every phase must train with dropout on,
     the first epoch of a phase without a reward (final, and plain fine-tuning) included."""
     trial, base = tiny_run(tmp_path, ["--student_layers", "1", "--batch_size", "16"], 64)
-    modes, real = [], distill.Run.kd_loss
-    monkeypatch.setattr(distill.Run, "kd_loss", lambda self, net, idx, soft_k, layer=None: modes.append(
+    modes, real = [], distill.Run.step_loss
+    monkeypatch.setattr(distill.Run, "step_loss", lambda self, net, idx, soft_k, layer=None: modes.append(
         net.training) or real(self, net, idx, soft_k, layer))
     soft = model.soft_targets(torch.randn(2, 64, 2), 2.0)
     teaching = distill.Teaching(soft, TeacherSampler(["a", "b"]))
@@ -1462,9 +1462,9 @@ def readme_block(section, tmp_path):
 
 
 def test_the_readmes_own_loop_runs_and_discards_the_contradicting_teacher(tmp_path):
-    """README.md's own-trial block, run as written on a tiny model and data; selection (keep 2)
+    """README.md's own-loop block, run as written on a tiny model and data; selection (keep 2)
     discards the contradicting teacher."""
-    code, base, tokenizer, enc, labels, held, logits = readme_block("AutoSKD in your own trial", tmp_path)
+    code, base, tokenizer, enc, labels, held, logits = readme_block("AutoSKD in your own loop", tmp_path)
     assert len(code.splitlines()) <= 30
     inputs = lambda idx: glue_data.collate(tokenizer, enc, idx)
     rows = [list(range(i, i + 16)) for i in range(0, 128, 16)]  # held-out examples: never a batch

@@ -84,8 +84,8 @@ def parse_bench_args(argv=None):
     p.add_argument("--base_teacher_lr", type=float, default=3e-5)
     p.add_argument("--base_teacher_epochs", type=int, default=2)
     p.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- "
-                   "and a "
-                   "4-layer student, one seed, instead of the bench (where do they separate most?)")
+                   "and a 4-layer student, one seed, instead of the bench (where do they separate "
+                   "most?)")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                    help='an extra auto row with other distill.py flags, e.g. '
                    '--variant slr1 "--sampler_lr 1"')

@@ -17,10 +17,7 @@ import model
 import teachers
 
 
-# the teachers' cache fill, --speed
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cache fill, --speed
 # name: (layers, seed, what it learns from). Capacities differ, and two teachers are bad on purpose:
 #   "shuffled"  trained on train with its labels permuted: no signal, it predicts the majority
 #               class;
@@ -30,11 +27,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Listed longest first, so that with --jobs the last runs are short ones.
 TEAM = {"L6-s1": (6, 1, "labels"), "L6-s2": (6, 2, "labels"), "L6-shuffled": (6, 5, "shuffled"),
         "L6-contra": (6, 1, "contra"), "L4": (4, 3, "labels"), "L3": (3, 4, "labels")}
-
-
 HARMFUL = "contra"
-
-
 INEFFECTIVE = "shuffled"
 
 
@@ -93,11 +86,8 @@ AUTO_FLAGS = ("phase1_epochs", "phase2_epochs", "heldout", "reward", "reward_rea
 
 
 def run_distill(argv):
-    """distill.main on argv unless its metrics.json exists (its output goes to run.log);
-    metrics.json.
-
-    A run killed midway goes on from its resume.pt.
-    """
+    """Run distill.main on argv unless its metrics.json exists (its output goes to run.log), and
+    return metrics.json. A run killed midway goes on from its resume.pt."""
     resume = os.path.isfile(os.path.join(distill.parse_args(argv).out_dir, "resume.pt"))
     args = distill.parse_args(argv + ["--resume"] * resume)
     path = os.path.join(args.out_dir, "metrics.json")
@@ -159,7 +149,7 @@ def run_argv(a, work, data_dir, strategy, name, teacher_dirs, seed):
 
 
 def share_flag(a):
-    """bench.py's --lookahead_share for a student's run (none given: distill.py's default)."""
+    """The bench's --lookahead_share for a student's run (none given: distill.py's default)."""
     return [] if a.lookahead_share is None else ["--lookahead_share", str(a.lookahead_share)]
 
 

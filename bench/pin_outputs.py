@@ -9,7 +9,8 @@ command lines with both code trees, offline, one thread each, and compares what 
 metrics.json (timings aside), distribution.json, the model card, the test predictions, the
 student's config and weights. The runs cover every strategy, both rewards, both reaches of the
 lookahead and a share of the batch, a transfer set, a team built from a recipe, regression,
---predict_test, and runs killed in phase-1, phase-2 and the final training then resumed.
+--predict_test, and runs killed in phase-1, phase-2 and the final training then resumed (the
+step reward, the whole-student reach and an ensemble too).
 Exit 0 when every value is the same; else each difference is listed.
 """
 import argparse
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 FAST = ["--student_layers", "1", "--epochs", "1", "--batch_size", "16", "--lr", "1e-3"]
-TEAM = "teachers/RTE"
+TEAM_DIR = "teachers/RTE"
 RECIPE_TEACHERS = ["L-4_H-256", "L-4_H-512", "L-8_H-512"]
 TRANSFER = "glue_data/RTE/test.tsv"
 STSB_TEACHERS = ["teachers/STS-B/a", "teachers/STS-B/b"]
@@ -40,7 +41,7 @@ def runs(hub_student):
     out = [("runs/RTE-auto-seed0", rte + ["--epochs", "1", "--predict_test"], None)]
     for strategy in ("uniform", "skd", "ensemble"):
         out.append((f"runs/{strategy}", rte + FAST + ["--strategy", strategy], None))
-    single = ["--strategy", "single", "--teachers", f"{TEAM}/{RECIPE_TEACHERS[0]}"]
+    single = ["--strategy", "single", "--teachers", f"{TEAM_DIR}/{RECIPE_TEACHERS[0]}"]
     out.append(("runs/single", rte + FAST + single, None))
     out.append(("runs/none", rte + FAST + ["--strategy", "none", "--student", hub_student], None))
     out.append(("runs/step", rte + FAST + ["--reward", "step"], None))
@@ -49,6 +50,10 @@ def runs(hub_student):
     out.append(("runs/transfer", rte + FAST + ["--transfer", TRANSFER], None))
     for phase, steps in KILLS.items():
         out.append((f"runs/killed-{phase}", rte + FAST + ["--save_every", "4"], steps))
+    for name, flags, steps in [("step", ["--reward", "step"], KILLS["phase1"]),
+                               ("whole", ["--reward_reach", "student"], KILLS["phase2"]),
+                               ("ensemble", ["--strategy", "ensemble"], 3)]:
+        out.append((f"runs/killed-{name}", rte + FAST + flags + ["--save_every", "2"], steps))
     for k, teacher in enumerate(STSB_TEACHERS):
         fine_tune = ["--strategy", "none", "--student", hub_student, "--seed", str(k)]
         out.append((teacher, stsb + fine_tune, None))
@@ -187,7 +192,7 @@ def check_outputs():
         if failures:
             sys.exit("\n".join(failures))
         folders = [out_dir for out_dir, _, _ in runs(hub_student)]
-        folders += [f"{TEAM}/{t}" for t in RECIPE_TEACHERS]
+        folders += [f"{TEAM_DIR}/{t}" for t in RECIPE_TEACHERS]
         found = []
         for folder in folders:
             before = digest(os.path.join(root, "work-before", folder))

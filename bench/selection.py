@@ -57,8 +57,7 @@ def selection(a, members, work, data_dir, dirs, t0):
     held = sum(r["harmful_discarded"] for r in rule)
     lines += ["", f"The rule: a harmful teacher whose mean phase-1 reward is more than 3 standard "
               f"errors (of the step-by-step difference) below every kept teacher's is discarded. "
-              f"It "
-              f"applies to {len(rule)} of {len(rows)} runs, and holds in {held} of them. (out): "
+              f"It applies to {len(rule)} of {len(rows)} runs, and holds in {held} of them. (out): "
               f"discarded by selection; p: after phase-1. Whole student; output layer without "
               f"dropout: the lookahead of every phase-1 step of the same runs, on the whole batch, "
               f"through every weight of the student, and through the output layer from a forward "
@@ -72,8 +71,8 @@ def selection(a, members, work, data_dir, dirs, t0):
 
 def selection_row(d, members, team, seed):
     """One run's selection: each teacher's evidence by bench name, and the harmful teacher's gap to
-    the
-    kept teachers in standard errors of the paired step-by-step difference (the smallest gap)."""
+    the kept teachers in standard errors of the paired step-by-step difference (the smallest
+    gap)."""
     names = [os.path.basename(t) for t in d["teachers"]]
     evidence = {os.path.basename(t["teacher"]): t for t in d["selection"]}
     rewards, paired = phase1_rewards(d, names)
@@ -95,8 +94,7 @@ def selection_row(d, members, team, seed):
 
 def audited_run(argv):
     """run_distill(argv), with two more rewards of every phase-1 step, from the same student, batch,
-    lr and
-    held-out examples, over the whole batch (nothing the run computes changes): the lookahead
+    lr and held-out examples, over the whole batch (nothing the run computes changes): the lookahead
     through the whole student, and through the output layer from a forward without dropout. Into
     <out_dir>/distribution.json under AUDITS, [steps][K] each. A killed run starts afresh, as the
     steps before its kill would be missing."""
@@ -131,7 +129,7 @@ def audit_step(reward, student, idx, step, lr, h, audit):
     batch of the reward's own (the same every --probe_every steps)."""
     run, a = reward.run, reward.run.args
     if step % a.probe_every == 0 or not h:
-        held, labels, _ = reward.heldout.batch(step)
+        held, labels, _ = reward.heldout.at(step)
         h["whole_student"] = distill.heldout_grad(student, held, labels)
         h["output_no_dropout"] = distill.heldout_output_grad(student, held, labels)
     batch, i = run.batch(idx)

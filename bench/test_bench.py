@@ -131,7 +131,7 @@ def test_bench_reuses_runs_whatever_the_team_order(tiny_bench):
     teacher."""
     import unittest.mock
     argv, out, result = tiny_bench
-    with unittest.mock.patch.object(bench, "TEAM", dict(reversed(list(bench.common.TEAM.items())))):
+    with unittest.mock.patch.object(bench.common, "TEAM", dict(reversed(list(bench.common.TEAM.items())))):
         run_bench(argv)
     again = json.load(open(os.path.join(out, "MRPC-transfer.json")))
     for row in ("auto", "auto (slr1)"):
@@ -289,7 +289,7 @@ def test_bench_teacher_fit_against_hand_worked_values(tiny_bench):
 def test_bench_ground_truth_tau_against_hand_worked_values():
     # three teachers' students, seeds 0, 1, 2 (binary fractions: the means and their ties exact)
     scores = {"a": [1, .5, .75], "b": [.75, .75, .5], "c": [.25, .375, .375]}
-    runs = {}  # {row: {seed: metrics}}, as bench.py keeps them
+    runs = {}  # {row: {seed: metrics}}, as the bench keeps them
     for name, per_seed in scores.items():
         runs[f"single ({name})"] = {s: {"dev": {"dev": {"accuracy": x}}}
                                     for s, x in enumerate(per_seed)}
