@@ -27,7 +27,10 @@ test-file format), as BERT students are distilled in practice; --base_teacher ad
 teacher to the team, and the rows gain SKDBERT's fixed distributions (skd teacher-rank and
 student-rank) and the best teacher without the transfer set. --pilot runs `none` and `single` per
 helpful teacher with a 2- and a 4-layer student first, to pick the size where they separate most.
-The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md.
+The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md. --auto_again runs
+the auto row alone at distill.py's defaults and sets it beside the auto row of the tables an
+earlier full run wrote (results/<TASK>[-transfer]-auto-again.{json,md}): what a changed default
+does, without rerunning every row.
 
     python -m bench --selection --task MRPC --base_model <hub name or folder>
 
@@ -62,7 +65,7 @@ from bench.common import make_team, team_members
 from bench.first_run import first_run
 from bench.selection import selection
 from bench.speed import speed
-from bench.strategies import compare_strategies, pilot
+from bench.strategies import auto_again, compare_strategies, pilot
 
 
 def parse_bench_args(argv=None):
@@ -97,6 +100,8 @@ def parse_bench_args(argv=None):
     p.add_argument("--speed", action="store_true",
                    help="measure speed and memory instead (see above)")
     p.add_argument("--first_run", action="store_true", help="time the default command (see above)")
+    p.add_argument("--auto_again", action="store_true", help="the auto row alone at distill.py's "
+                   "defaults, beside an earlier run's (see above)")
     return p.parse_args(argv)
 
 
@@ -114,6 +119,8 @@ def run_bench(argv=None):
         return selection(a, members, work, data_dir, dirs, t0)
     if a.pilot:
         return pilot(a, members, work, data_dir, dirs, t0)
+    if a.auto_again:
+        return auto_again(a, members, work, data_dir, dirs, t0)
     return compare_strategies(a, members, work, data_dir, dirs, team, scores, fit, t0)
 
 

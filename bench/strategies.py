@@ -7,6 +7,7 @@ import shlex
 import statistics
 import time
 
+import distill
 import glue_data
 import sampler
 from bench.common import HARMFUL, INEFFECTIVE, portable, run_all, run_argv, write_text
@@ -39,6 +40,50 @@ def compare_strategies(a, members, work, data_dir, dirs, team, scores, fit, t0):
     run_s = sum(m["timings"]["total_s"] for m in finished)
     autos = {row: prefix for row, (strategy, prefix, _, _) in rows.items() if strategy == "auto"}
     report(a, members, work, runs, autos, scores, fit, time.time() - t0, run_s)
+
+
+def auto_again(a, members, work, data_dir, dirs, t0):
+    """The auto row alone, three runs at distill.py's defaults, beside the auto row of an earlier
+    run of the full bench (results/<TASK>[-transfer].json), whose ground truth and other rows
+    stand. Writes results/<TASK>[-transfer]-auto-again.{json,md}."""
+    name = a.task + ("-transfer" if a.transfer else "")
+    with open(os.path.join(a.out, name + ".json")) as f:
+        earlier = json.load(f)
+    names = list(earlier["ground_truth"])  # the earlier tables' order, which the new row keeps
+    if set(names) != set(members):
+        raise ValueError(f"{name}.json is of another team ({', '.join(names)}): run the full bench")
+    kinds = {kind: [n for n in names if members[n][2] == kind]
+             for kind in ("labels", HARMFUL, INEFFECTIVE)}
+    again = "auto (again)"
+    argvs = {}
+    for seed in a.seeds:
+        argvs[again, seed] = run_argv(a, work, data_dir, "auto", f"auto-again-seed{seed}", dirs,
+                                      seed)
+    done = run_all(a.jobs, argvs, t0)
+    runs = {row: dict(by_seed) for row, by_seed in earlier["runs"].items()}
+    runs[again] = {str(seed): done[again, seed] for seed in a.seeds}
+    truth = earlier["ground_truth"]
+    dists = read_dists(work, "auto-again", a.seeds)
+    learned = {"auto": earlier["learned"]["auto"],
+               again: learned_stats(dists, names, truth, kinds)}
+    mine = seed_scores(runs, again)
+    learned[again]["vs"] = {other: [x - y for x, y in zip(mine, seed_scores(runs, other))]
+                            for other in earlier["learned"]["auto"]["vs"]}
+    flags = distill.differing_flags(runs["auto"]["0"]["args"], runs[again]["0"]["args"],
+                                    distill.FREE_FLAGS + ("out_dir",))
+    result = {"earlier": name + ".json", "ground_truth": truth, "runs": runs, "learned": learned,
+              "flags_differing": flags}
+    out = os.path.join(a.out, f"{name}-auto-again")
+    write_text(out + ".json", portable(json.dumps(result, indent=1)))
+    lines = strategy_table(a, {row: runs[row] for row in ("auto", again)})
+    lines += learned_tables(names, kinds, learned, len(a.seeds))
+    before, now = runs["auto"]["0"]["args"], runs[again]["0"]["args"]
+    changed = ", ".join(f"--{k} {now.get(k)} (earlier: {before.get(k, 'no such flag')})"
+                        for k in flags)
+    lines += ["", f"auto: the row of {name}.md. {again}: the same team, data and seeds at today's "
+              f"defaults, which differ from the earlier run's flags in {changed or 'nothing'}."]
+    write_text(out + ".md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def bench_rows(a, members, dirs, scores):

@@ -359,3 +359,19 @@ def test_bench_speed_reports_every_ratio(tiny_bert, tmp_path, monkeypatch):
     assert "phase1_step_s" in result["runs"]["auto, 8 teachers, step reward"]
     assert 0 < result["no_grad_forward_s"] < result["fine_tune_step_s"] and "without gradients" in table
     assert result["runs"]["auto, 8 teachers, whole student, share 0.25"]["phase1_step_s"] > 0
+
+
+def test_bench_auto_again_sets_the_auto_row_beside_the_earlier_one(tiny_bench):
+    """--auto_again runs the auto row alone and writes it beside the earlier run's: at the flags the
+    earlier run had, it is the same row, figure for figure."""
+    argv, out, result = tiny_bench
+    run_bench(argv + ["--auto_again"])
+    again = json.load(open(os.path.join(out, "MRPC-transfer-auto-again.json")))
+    assert again["flags_differing"] == [] and again["ground_truth"] == result["ground_truth"]
+    first, second = again["learned"]["auto"], again["learned"]["auto (again)"]
+    for key in ("phase1_p", "tau_phase1", "tau_final", "harmful_discarded", "harmful_z", "vs"):
+        assert second[key] == pytest.approx(first[key], nan_ok=True), key
+    scores = [[m["score"] for m in again["runs"][row].values()] for row in ("auto", "auto (again)")]
+    assert scores[0] == scores[1]
+    table = open(os.path.join(out, "MRPC-transfer-auto-again.md")).read()
+    assert "| auto (again) |" in table and "differ from the earlier run's flags in nothing" in table
