@@ -28,9 +28,9 @@ teacher to the team, and the rows gain SKDBERT's fixed distributions (skd teache
 student-rank) and the best teacher without the transfer set. --pilot runs `none` and `single` per
 helpful teacher with a 2- and a 4-layer student first, to pick the size where they separate most.
 The tables go to results/<TASK>-transfer.{json,md} and results/<TASK>-pilot.md. --auto_again runs
-the auto row alone at distill.py's defaults and sets it beside the auto row of the tables an
-earlier full run wrote (results/<TASK>[-transfer]-auto-again.{json,md}): what a changed default
-does, without rerunning every row.
+the auto row alone at distill.py's defaults, into results/<TASK>[-transfer]-auto-again.{json,md},
+beside the auto row of the tables an earlier full run wrote: what a changed default does, without
+rerunning every row.
 
     python -m bench --selection --task MRPC --base_model <hub name or folder>
 
@@ -69,7 +69,9 @@ from bench.strategies import auto_again, compare_strategies, pilot
 
 
 def parse_bench_args(argv=None):
+    """Read the bench's flags (argv: a list, default sys.argv); one mode at most."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
     p.add_argument("--task", required=True)
     p.add_argument("--base_model", required=True, help="pretrained checkpoint: hub name or folder")
     p.add_argument("--data_dir", default="glue_data")
@@ -86,22 +88,25 @@ def parse_bench_args(argv=None):
     p.add_argument("--base_teacher", help="a larger pretrained checkpoint, one more teacher")
     p.add_argument("--base_teacher_lr", type=float, default=3e-5)
     p.add_argument("--base_teacher_epochs", type=int, default=2)
-    p.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- "
-                   "and a 4-layer student, one seed, instead of the bench (where do they separate "
-                   "most?)")
+    mode.add_argument("--pilot", action="store_true", help="single per helpful teacher with a 2- "
+                      "and a 4-layer student, one seed, instead of the bench (where do they "
+                      "separate most?)")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                    help='an extra auto row with other distill.py flags, e.g. '
                    '--variant slr1 "--sampler_lr 1"')
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each when > 1")
     p.add_argument("--out", default="results")
-    p.add_argument("--selection", action="store_true", help="check teacher selection (see above)")
+    mode.add_argument("--selection", action="store_true",
+                      help="check teacher selection (see above)")
     p.add_argument("--lookahead_share", type=float, help="distill.py's, for every "
                    "student's run (default: distill.py's)")
-    p.add_argument("--speed", action="store_true",
-                   help="measure speed and memory instead (see above)")
-    p.add_argument("--first_run", action="store_true", help="time the default command (see above)")
-    p.add_argument("--auto_again", action="store_true", help="the auto row alone at distill.py's "
-                   "defaults, beside an earlier run's (see above)")
+    mode.add_argument("--speed", action="store_true",
+                      help="measure speed and memory instead (see above)")
+    mode.add_argument("--first_run", action="store_true",
+                      help="time the default command (see above)")
+    mode.add_argument("--auto_again", action="store_true",
+                      help="the auto row alone at distill.py's defaults, beside an earlier run's "
+                      "(see above)")
     return p.parse_args(argv)
 
 

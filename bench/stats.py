@@ -9,11 +9,12 @@ import glue_data
 from bench.common import HARMFUL, INEFFECTIVE
 
 
-def read_dists(work, prefix, seeds):
-    """{seed: distribution.json} of an auto row's runs."""
+def read_dists(work, prefix, seeds, tag=""):
+    """{seed: distribution.json} of an auto row's runs (tag: their folders' --lookahead_share
+    tag)."""
     dists = {}
     for seed in seeds:
-        with open(os.path.join(work, f"{prefix}-seed{seed}", "distribution.json")) as f:
+        with open(os.path.join(work, f"{prefix}-seed{seed}{tag}", "distribution.json")) as f:
             dists[seed] = json.load(f)
     return dists
 

@@ -10,7 +10,7 @@ import time
 import distill
 import glue_data
 import sampler
-from bench.common import HARMFUL, INEFFECTIVE, portable, run_all, run_argv, write_text
+from bench.common import HARMFUL, INEFFECTIVE, portable, run_all, run_argv, share_tag, write_text
 from bench.stats import (ground_truth_tau, helpful_spread, kendall_tau, learned_stats, mean_sd,
                          read_dists, seed_scores)
 
@@ -47,11 +47,18 @@ def auto_again(a, members, work, data_dir, dirs, t0):
     run of the full bench (results/<TASK>[-transfer].json), whose ground truth and other rows
     stand. Writes results/<TASK>[-transfer]-auto-again.{json,md}."""
     name = a.task + ("-transfer" if a.transfer else "")
-    with open(os.path.join(a.out, name + ".json")) as f:
+    path = os.path.join(a.out, name + ".json")
+    if a.lookahead_share is not None:
+        raise ValueError("--auto_again runs auto at distill.py's defaults: drop --lookahead_share")
+    if not os.path.isfile(path):
+        raise ValueError(f"--auto_again sets the auto row beside an earlier run's, and {path} is "
+                         f"missing: run the full bench first (the same command without it)")
+    with open(path) as f:
         earlier = json.load(f)
     names = list(earlier["ground_truth"])  # the earlier tables' order, which the new row keeps
-    if set(names) != set(members):
-        raise ValueError(f"{name}.json is of another team ({', '.join(names)}): run the full bench")
+    if set(names) != set(members) or earlier["seeds"] != a.seeds or "auto" not in earlier["runs"]:
+        raise ValueError(f"{path} holds another team, other seeds ({earlier['seeds']}) or no auto "
+                         f"row: run the full bench")
     kinds = {kind: [n for n in names if members[n][2] == kind]
              for kind in ("labels", HARMFUL, INEFFECTIVE)}
     again = "auto (again)"
@@ -60,7 +67,8 @@ def auto_again(a, members, work, data_dir, dirs, t0):
         argvs[again, seed] = run_argv(a, work, data_dir, "auto", f"auto-again-seed{seed}", dirs,
                                       seed)
     done = run_all(a.jobs, argvs, t0)
-    runs = {row: dict(by_seed) for row, by_seed in earlier["runs"].items()}
+    others = list(earlier["learned"]["auto"]["vs"])  # the rows auto was set against
+    runs = {row: earlier["runs"][row] for row in ["auto"] + others}
     runs[again] = {str(seed): done[again, seed] for seed in a.seeds}
     truth = earlier["ground_truth"]
     dists = read_dists(work, "auto-again", a.seeds)
@@ -68,16 +76,16 @@ def auto_again(a, members, work, data_dir, dirs, t0):
                again: learned_stats(dists, names, truth, kinds)}
     mine = seed_scores(runs, again)
     learned[again]["vs"] = {other: [x - y for x, y in zip(mine, seed_scores(runs, other))]
-                            for other in earlier["learned"]["auto"]["vs"]}
-    flags = distill.differing_flags(runs["auto"]["0"]["args"], runs[again]["0"]["args"],
-                                    distill.FREE_FLAGS + ("out_dir",))
+                            for other in others}
+    first = str(a.seeds[0])
+    before, now = runs["auto"][first]["args"], runs[again][first]["args"]
+    flags = distill.differing_flags(before, now, distill.FREE_FLAGS + ("out_dir",))
     result = {"earlier": name + ".json", "ground_truth": truth, "runs": runs, "learned": learned,
               "flags_differing": flags}
     out = os.path.join(a.out, f"{name}-auto-again")
     write_text(out + ".json", portable(json.dumps(result, indent=1)))
     lines = strategy_table(a, {row: runs[row] for row in ("auto", again)})
     lines += learned_tables(names, kinds, learned, len(a.seeds))
-    before, now = runs["auto"]["0"]["args"], runs[again]["0"]["args"]
     changed = ", ".join(f"--{k} {now.get(k)} (earlier: {before.get(k, 'no such flag')})"
                         for k in flags)
     lines += ["", f"auto: the row of {name}.md. {again}: the same team, data and seeds at today's "
@@ -131,7 +139,7 @@ def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
     learned = {}
     auto_dists = {}
     for row, prefix in autos.items():  # what phase-1, selection and the rewards did
-        dists = read_dists(work, prefix, a.seeds)
+        dists = read_dists(work, prefix, a.seeds, share_tag(a))
         auto_dists[row] = dists
         learned[row] = learned_stats(dists, names, truth, kinds)
         mine = seed_scores(runs, row)
