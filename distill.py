@@ -192,13 +192,13 @@ def heldout_output_grad(student, batch, labels):
     """Return h through the output layer alone, [h_W [C, d], h_b [C]]: the gradient of the expected
     error E on held-out examples over the layer's weight and bias, from one forward without
     gradients, dropout off. batch: {input name: [H, L]} and labels [H] go to the layer's device."""
-    layer = output_layer(student)
+    layer = model.output_layer(student)
     device = layer.weight.device
     batch = {name: x.to(device) for name, x in batch.items()}
     was_training = student.training
     student.eval()
     try:
-        u, z = features_and_logits(student, batch, layer)  # [H, d], [H, C]
+        u, z = model.features_and_logits(student, batch, layer)  # [H, d], [H, C]
     finally:
         student.train(was_training)
     with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
@@ -209,7 +209,7 @@ def heldout_output_grad(student, batch, labels):
 
 def output_layer_rewards(u, z, labels, soft, h, lr, temperature, alpha, labelled=None):
     """Return every teacher's r_j = lr * <J h, dL_j/dz> through the output layer, [K]. u [B, d] and
-    z [B, C] come from features_and_logits, h from heldout_output_grad; the rest as below."""
+    z [B, C] come from model.features_and_logits, h from heldout_output_grad; the rest as below."""
     h_W, h_b = h
     with torch.autocast(z.device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
         u = u.detach().to(torch.promote_types(u.dtype, h_W.dtype))
@@ -284,7 +284,7 @@ class LookaheadReward:
         share = len(rows) / len(idx)  # as a mean over the batch: the rest adds next to nothing
         self.scored = (idx, rows, share, lr)
         if self.reach == "output":  # after(): from the step's own features
-            self.layer = self.layer if self.layer is not None else output_layer(student)
+            self.layer = self.layer if self.layer is not None else model.output_layer(student)
             return
         inputs, i = run.batch([idx[j] for j in rows])
         values = lookahead_rewards(student, inputs, run.labels[i], self.soft[:, i], self.h, lr,
@@ -351,7 +351,7 @@ REWARDS = {"lookahead": LookaheadReward, "step": StepReward}  # by --reward
 # ==================================================================================================
 # The command: arguments, data, the team, a recipe's teachers, saving. And the plumbing the method
 # calls by name: the run's data and batches (Run), a fresh student (new_student), what the reward
-# reads (output_layer, features_and_logits, HeldOut), resume (Resume).
+# reads (HeldOut), resume (Resume).
 # ==================================================================================================
 STRATEGIES = ("auto", "uniform", "skd", "single", "ensemble", "none")
 PHASES = ("phase1", "phase2", "final")
@@ -553,34 +553,6 @@ def save_outputs(run, student, team, teaching, test, figures):
     print("\n".join([done] + table.get("lines", [])))  # then the student beside its teachers
 
 # ----------------------------------------------------------------- what the reward reads
-def output_layer(student):
-    """Return the layer whose output is the logits: the last nn.Linear with one output per label
-    (BERT's and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
-    features_and_logits checks that its output is the logits."""
-    n = getattr(student, "module", student).config.num_labels  # (DDP: the model is its .module)
-    linears = [m for m in student.modules()
-               if isinstance(m, torch.nn.Linear) and m.out_features == n]
-    if not linears:
-        raise ValueError(f"{type(student).__name__} has no linear layer with {n} outputs: use "
-                         f"--reward_reach student")
-    return linears[-1]
-
-def features_and_logits(student, batch, layer=None):
-    """Return (u [B, d], z [B, C]): what the output layer (default: output_layer(student)) reads,
-    and the logits of student(**batch)."""
-    layer = layer or output_layer(student)
-    seen = []
-    hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
-    try:
-        z = student(**batch).logits
-    finally:
-        hook.remove()
-    u, out = seen[-1]
-    if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
-        raise ValueError(f"the logits of {type(student).__name__} are not its output layer's "
-                         f"output (a head that pools after it): use --reward_reach student")
-    return u, z
-
 class HeldOut:
     """The reward's held-out TRAINING examples (never dev), in batches of --probe_size: one batch
     every --probe_every steps, each rank measuring its share of it."""
@@ -668,7 +640,7 @@ class Run:
             if layer is None:
                 logits = net(**b).logits
             else:
-                seen = features_and_logits(net, b, layer)
+                seen = model.features_and_logits(net, b, layer)
                 logits = seen[1]
         logits = logits.float()  # [B, C]
         targets = soft_k[i] if soft_k is not None else None

@@ -14,6 +14,8 @@ with the hard labels (Hinton et al.'s KD loss). Here:
               TinyBERT distil on): the soft part alone, T^2 * KL or MSE(student, teacher).
     error     the held-out expected error the reward measures, and its gradient over the logits;
               where_teachers_differ, the examples of a batch on which the team's targets differ.
+    features  output_layer, the layer that gives the logits in any head; features_and_logits,
+              what it reads on a batch (the reward through the output layer uses both).
     files     save_student writes the student whole or not at all; model_card its hub card.
 """
 import os
@@ -132,6 +134,35 @@ def where_teachers_differ(soft, m):
     example every teacher labels alike dL_j/dz_i = dL_k/dz_i, whatever (J h)_i."""
     spread = soft.var(0, correction=0).sum(-1)  # [B]
     return spread.topk(min(m, len(spread))).indices.sort().values
+
+# ------------------------------------------------------------------ the output layer's features
+def output_layer(student):
+    """Return the layer whose output is the logits: the last nn.Linear with one output per label
+    (BERT's and DistilBERT's classifier, RoBERTa's and MPNet's classifier.out_proj).
+    features_and_logits checks that its output is the logits."""
+    n = getattr(student, "module", student).config.num_labels  # (DDP: the model is its .module)
+    linears = [m for m in student.modules()
+               if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not linears:
+        raise ValueError(f"{type(student).__name__} has no linear layer with {n} outputs: use "
+                         f"--reward_reach student")
+    return linears[-1]
+
+def features_and_logits(student, batch, layer=None):
+    """Return (u [B, d], z [B, C]): what the output layer (default: output_layer(student)) reads,
+    and the logits of student(**batch)."""
+    layer = layer or output_layer(student)
+    seen = []
+    hook = layer.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0], out)))
+    try:
+        z = student(**batch).logits
+    finally:
+        hook.remove()
+    u, out = seen[-1]
+    if out is not z and (out.shape != z.shape or not torch.equal(out, z)):
+        raise ValueError(f"the logits of {type(student).__name__} are not its output layer's "
+                         f"output (a head that pools after it): use --reward_reach student")
+    return u, z
 
 # ------------------------------------------------------------------------- the student's files
 def save_student(student, tokenizer, out):

@@ -1282,7 +1282,7 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
     else:
         net = tiny_classifier("roberta", num_labels=3)
         name = "classifier.out_proj"
-    layer = distill.output_layer(net)
+    layer = model.output_layer(net)
     assert layer is net.get_submodule(name)
     g = torch.Generator().manual_seed(1)
     ids = lambda n: {"input_ids": torch.randint(5, 20, (n, 7), generator=g),
@@ -1299,7 +1299,7 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
     for k, x in zip(ours, h_out):
         assert torch.allclose(x, h[k], rtol=1e-12, atol=1e-15)
     zeroed = [x if k in ours else torch.zeros_like(x) for k, x in enumerate(h)]
-    u, z = distill.features_and_logits(net, batch, layer)
+    u, z = model.features_and_logits(net, batch, layer)
     assert torch.equal(z, net(**batch).logits)
     for mask in (None, labelled):
         expected = distill.lookahead_rewards(net, batch, labels, soft, zeroed, 1e-3, 2.0, 0.5, mask)
@@ -1314,8 +1314,8 @@ def test_output_layer_reward_is_the_lookahead_through_the_output_layer(tmp_path,
     net.float()
     with torch.autocast("cpu", torch.bfloat16):
         h_bf16 = distill.heldout_output_grad(net, held, held_labels)
-        u_held, z_held = distill.features_and_logits(net, held, layer)
-        u, z = distill.features_and_logits(net, batch, layer)
+        u_held, z_held = model.features_and_logits(net, held, layer)
+        u, z = model.features_and_logits(net, batch, layer)
         got = distill.output_layer_rewards(u, z, labels, soft.float(), h_bf16, 1e-3, 2.0, 0.5)
     assert z.dtype == u.dtype == torch.bfloat16
     assert [x.dtype for x in h_bf16] == [torch.float32] * 2 and got.dtype == torch.float32
@@ -1349,7 +1349,7 @@ def test_the_loops_output_layer_reward_comes_from_the_steps_own_forward(tmp_path
     reward = distill.LookaheadReward(trial, torch.arange(32, 40), soft)
     held, j = trial.batch(reward.heldout.examples(0))
     h = distill.heldout_grad(student, held, trial.labels[j])
-    layer = distill.output_layer(student)
+    layer = model.output_layer(student)
     zeroed = [x if p is layer.weight or p is layer.bias else torch.zeros_like(x)
               for x, p in zip(h, student.parameters())]
 

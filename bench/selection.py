@@ -9,6 +9,7 @@ import torch
 
 import distill
 import glue_data
+import model
 from bench.common import HARMFUL, portable, run_all, run_argv, run_distill, share_tag, write_text
 from bench.stats import gap_z, kendall_tau, phase1_rewards
 
@@ -138,7 +139,7 @@ def audit_step(reward, student, idx, step, lr, h, audit):
     whole = distill.lookahead_rewards(student, batch, *rest, h["whole_student"], *kd_flags)
     student.eval()
     with torch.no_grad():
-        u, z = distill.features_and_logits(student, batch)
+        u, z = model.features_and_logits(student, batch)
     student.train()
     output = distill.output_layer_rewards(u, z, *rest, h["output_no_dropout"], *kd_flags)
     audit["whole_student"].append(whole.tolist())

@@ -59,8 +59,7 @@ def auto_again(a, members, work, data_dir, dirs, t0):
     if set(names) != set(members) or earlier["seeds"] != a.seeds or "auto" not in earlier["runs"]:
         raise ValueError(f"{path} holds another team, other seeds ({earlier['seeds']}) or no auto "
                          f"row: run the full bench")
-    kinds = {kind: [n for n in names if members[n][2] == kind]
-             for kind in ("labels", HARMFUL, INEFFECTIVE)}
+    kinds = team_kinds(members, names)
     again = "auto (again)"
     argvs = {}
     for seed in a.seeds:
@@ -74,9 +73,7 @@ def auto_again(a, members, work, data_dir, dirs, t0):
     dists = read_dists(work, "auto-again", a.seeds)
     learned = {"auto": earlier["learned"]["auto"],
                again: learned_stats(dists, names, truth, kinds)}
-    mine = seed_scores(runs, again)
-    learned[again]["vs"] = {other: [x - y for x, y in zip(mine, seed_scores(runs, other))]
-                            for other in others}
+    learned[again]["vs"] = score_gaps(runs, again, others)
     first = str(a.seeds[0])
     before, now = runs["auto"][first]["args"], runs[again][first]["args"]
     flags = distill.differing_flags(before, now, distill.FREE_FLAGS + ("out_dir",))
@@ -126,11 +123,22 @@ def student_rank_flags(a, members, dirs, done):
     return ["--weights"] + [str(w) for w in weights]
 
 
+def team_kinds(members, names):
+    """The team's names by what they learn from: {labels, HARMFUL, INEFFECTIVE: [name]}."""
+    return {kind: [n for n in names if members[n][2] == kind]
+            for kind in ("labels", HARMFUL, INEFFECTIVE)}
+
+
+def score_gaps(runs, row, others):
+    """{other row: row's dev score minus the other's, per seed}."""
+    mine = seed_scores(runs, row)
+    return {other: [x - y for x, y in zip(mine, seed_scores(runs, other))] for other in others}
+
+
 def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
     """results/<TASK>.json and .md, and the picture of the learned distribution."""
     names = list(members)
-    kinds = {kind: [n for n in names if members[n][2] == kind]
-             for kind in ("labels", HARMFUL, INEFFECTIVE)}
+    kinds = team_kinds(members, names)
     helpful = kinds["labels"]
     # the ground truth: the student's dev score distilled from each teacher alone, mean over seeds
     truth = {n: statistics.mean(seed_scores(runs, f"single ({n})")) for n in names}
@@ -142,11 +150,7 @@ def report(a, members, work, runs, autos, scores, fit, seconds, run_s):
         dists = read_dists(work, prefix, a.seeds, share_tag(a))
         auto_dists[row] = dists
         learned[row] = learned_stats(dists, names, truth, kinds)
-        mine = seed_scores(runs, row)
-        vs = {}  # the other row: this row's score minus the other's, per seed
-        for other in [r for r in others if r in runs]:
-            vs[other] = [x - y for x, y in zip(mine, seed_scores(runs, other))]
-        learned[row]["vs"] = vs
+        learned[row]["vs"] = score_gaps(runs, row, [r for r in others if r in runs])
     spread = helpful_spread(runs, truth, helpful)
     # how well the teachers' own dev scores (skd teacher-rank's p) rank them: beside auto's tau
     score_tau = kendall_tau([truth[n] for n in names], [scores[n] for n in names])
