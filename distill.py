@@ -12,6 +12,7 @@ step moving theta_k alone by a reward on held-out TRAINING examples, never dev (
 reward, sampler.py). The final student, the one reported, distils from the frozen p.
 """
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -172,6 +173,16 @@ def train(run, resume, phase, trainee, epochs, train_idx, teaching, reward=None)
 # measured with dropout off): the reward costs no pass of its own.
 # --reward_reach student: J h over every trainable weight, by one forward-mode pass (about a
 # fine-tuning step's work). --reward step: see StepReward.
+@contextlib.contextmanager
+def dropout_off(student):
+    """Run the block with the student in eval mode (dropout off), then restore its mode."""
+    was_training = student.training
+    student.eval()
+    try:
+        yield
+    finally:
+        student.train(was_training)
+
 def at_least_float32(x):
     """Return x in float32 if it is in a narrower float (bf16 autocast), else as it is."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -195,12 +206,8 @@ def heldout_output_grad(student, batch, labels):
     layer = model.output_layer(student)
     device = layer.weight.device
     batch = {name: x.to(device) for name, x in batch.items()}
-    was_training = student.training
-    student.eval()
-    try:
+    with dropout_off(student):
         u, z = model.features_and_logits(student, batch, layer)  # [H, d], [H, C]
-    finally:
-        student.train(was_training)
     with torch.autocast(device.type, enabled=False):  # float32 (or 64) under bf16 autocast too
         dE_dz = model.expected_error_grad(at_least_float32(z), labels.to(device))  # [H, C]
         h_W = dE_dz.T @ u.to(dE_dz.dtype)  # [C, d]
@@ -223,12 +230,10 @@ def heldout_grad(student, batch, labels):
     each with a storage of its own (forward-mode AD would copy a slice of a larger tensor at each
     use)."""
     params = [p for p in student.parameters() if p.requires_grad]
-    was_training = student.training
-    student.eval()
-    logits = at_least_float32(student(**batch).logits)  # [H, C]
+    with dropout_off(student):
+        logits = at_least_float32(student(**batch).logits)  # [H, C]
     dE_dz = model.expected_error_grad(logits.detach(), labels)  # [H, C]
     h = torch.autograd.grad(logits, params, dE_dz, materialize_grads=True)  # J^T dE/dz
-    student.train(was_training)
     return list(h)
 
 def lookahead_rewards(student, batch, labels, soft, h, lr, temperature, alpha, labelled=None):
@@ -244,13 +249,11 @@ def lookahead_rewards(student, batch, labels, soft, h, lr, temperature, alpha, l
         z = torch.func.functional_call(student, dict(zip(names, w)), kwargs=batch).logits
         return at_least_float32(z)
 
-    was_training = student.training
-    student.eval()
     # Forward-mode AD: z and J h in one pass, exact, in float32 (bf16 would drown J h). The fused
     # attention kernels have no forward-mode derivative; the plain one computes the same.
-    with torch.autocast(weights[0].device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+    device = weights[0].device.type
+    with dropout_off(student), torch.autocast(device, enabled=False), sdpa_kernel(SDPBackend.MATH):
         z, jh = torch.func.jvp(logits, weights, tuple(h))  # [B, C] each
-    student.train(was_training)
     return lr * (teacher_pulls(z, labels, soft, temperature, alpha, labelled) * jh).sum((1, 2))
 
 class LookaheadReward:
@@ -323,11 +326,8 @@ class StepReward:
     def measure(self, student, step):
         """Return the hard-label loss on the step's held-out batch, dropout off, mean over ranks."""
         inputs, labels, n = self.heldout.at(step)
-        was_training = student.training
-        student.eval()
-        with self.run.autocast():
+        with dropout_off(student), self.run.autocast():
             loss = model.kd_loss(student(**inputs).logits.float(), labels)  # [H, C] logits
-        student.train(was_training)
         return float(self.run.reduce_mean(loss, n))
 
     def before(self, student, idx, step, lr, active):

@@ -137,10 +137,8 @@ def audit_step(reward, student, idx, step, lr, h, audit):
     rest = (run.labels[i], reward.soft[:, i])
     kd_flags = (lr, a.temperature, a.alpha, run.labelled[i])
     whole = distill.lookahead_rewards(student, batch, *rest, h["whole_student"], *kd_flags)
-    student.eval()
-    with torch.no_grad():
+    with distill.dropout_off(student), torch.no_grad():
         u, z = model.features_and_logits(student, batch)
-    student.train()
     output = distill.output_layer_rewards(u, z, *rest, h["output_no_dropout"], *kd_flags)
     audit["whole_student"].append(whole.tolist())
     audit["output_no_dropout"].append(output.tolist())
